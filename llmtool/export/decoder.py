@@ -1,0 +1,251 @@
+"""The ONNX graph of a decoder-only LM with a KV cache, in Optimum's I/O naming.
+
+One graph serves prefill and decode:
+
+  inputs   input_ids [batch, sequence] int64
+           attention_mask [batch, total_sequence] int64 (1 = real token, left padding allowed)
+           position_ids [batch, sequence] int64
+           past_key_values.{i}.key / .value [batch, kv_heads, past_sequence, head_dim]
+  outputs  logits [batch, sequence, vocab] float32
+           present.{i}.key / .value [batch, kv_heads, total_sequence, head_dim]
+
+where total_sequence = past_sequence + sequence. Weights and the cache are in the export dtype;
+norms and softmax run in float32 and logits are always float32.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from onnx import TensorProto
+
+from llmtool.export.architectures import DecoderWeights, LayerWeights
+from llmtool.export.graph import GraphBuilder
+
+FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
+MASK_VALUE = float(np.finfo(np.float32).min)
+
+
+@dataclass
+class GraphIO:
+    """What the runtime needs to drive a graph: its I/O names and the cache layout."""
+
+    inputs: list[str]
+    outputs: list[str]
+    cache: list[dict[str, Any]]
+
+
+def cache_entries(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> list[dict[str, Any]]:
+    """The manifest's description of the KV cache: one entry per fed-back tensor."""
+    entries = []
+    for i in range(num_layers):
+        for kind in ("key", "value"):
+            entries.append({
+                "input": f"past_key_values.{i}.{kind}",
+                "output": f"present.{i}.{kind}",
+                "shape": ["batch", kv_heads, "past_sequence", head_dim],
+                "dtype": "float16" if dtype == "fp16" else "float32",
+                "sequence_axis": 2,
+            })
+    return entries
+
+
+class _DecoderGraph:
+    def __init__(self, w: DecoderWeights, dtype: str, opset: int) -> None:
+        self.w = w
+        self.dtype = dtype
+        self.np_float, self.onnx_float = FLOAT_TYPES[dtype]
+        self.g = GraphBuilder(opset, name=f"llmtool_{w.model_type}")
+
+    # helpers ------------------------------------------------------------------------------
+    def weight(self, name: str, array: np.ndarray | None) -> str | None:
+        return None if array is None else self.g.weight(name, array.astype(self.np_float))
+
+    def to_float32(self, x: str) -> str:
+        return x if self.dtype == "fp32" else self.g.op("Cast", [x], to=TensorProto.FLOAT)
+
+    def to_model_float(self, x: str) -> str:
+        return x if self.dtype == "fp32" else self.g.op("Cast", [x], to=self.onnx_float)
+
+    def linear(self, x: str, w: str, b: str | None) -> str:
+        y = self.g.op("MatMul", [x, w])
+        return self.g.op("Add", [y, b]) if b else y
+
+    def norm(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+        g = self.g
+        w = self.weight(f"{name}.weight", weight)
+        assert w is not None
+        eps = self.w.norm_eps
+        if self.w.norm == "layer":
+            b = self.weight(f"{name}.bias", bias)
+            return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=eps, stash_type=1)
+        # RMSNorm in float32, as transformers computes it: x / sqrt(mean(x^2) + eps) * w.
+        xf = self.to_float32(x)
+        var = g.reduce_mean_last(g.op("Pow", [xf, g.const(2.0, np.float32)]))
+        denom = g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])
+        y = self.to_model_float(g.op("Div", [xf, denom]))
+        return g.op("Mul", [y, w])
+
+    def activation(self, h: str) -> str:
+        g, kind = self.g, self.w.activation
+        f = self.np_float
+        if kind == "silu_glu":
+            inter = self.w.layers[0].down_w.shape[0]
+            gate, up = g.split_last(h, [inter, inter])
+            return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+        if kind == "relu":
+            return g.op("Relu", [h])
+        if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
+            inner = g.op("Erf", [g.op("Div", [h, g.const(math.sqrt(2.0), f)])])
+        else:  # gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
+            cube = g.op("Mul", [g.op("Pow", [h, g.const(3.0, f)]), g.const(0.044715, f)])
+            inner = g.op("Tanh", [g.op("Mul", [g.op("Add", [h, cube]), g.const(math.sqrt(2.0 / math.pi), f)])])
+        return g.op("Mul", [g.op("Mul", [h, g.const(0.5, f)]), g.op("Add", [inner, g.const(1.0, f)])])
+
+    # graph -----------------------------------------------------------------------------------
+    def build(self) -> tuple[GraphBuilder, GraphIO]:
+        g, w = self.g, self.w
+        g.add_input("input_ids", TensorProto.INT64, ["batch", "sequence"])
+        g.add_input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
+        g.add_input("position_ids", TensorProto.INT64, ["batch", "sequence"])
+        cache = cache_entries(w.num_layers, w.num_kv_heads, w.head_dim, self.dtype)
+        for entry in cache:
+            g.add_input(entry["input"], self.onnx_float, entry["shape"])
+
+        with g.scope("embed"):
+            embed = self.weight("embed_tokens.weight", w.embed)
+            assert embed is not None
+            h = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, E]
+            if w.positions is not None:
+                pos = self.weight("embed_positions.weight", w.positions)
+                assert pos is not None
+                h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
+        with g.scope("mask"):
+            bias = self.attention_bias()
+        rope = None
+        if w.rope_cos is not None and w.rope_sin is not None:
+            with g.scope("rope"):
+                cos = self.weight("rope.cos", w.rope_cos)
+                sin = self.weight("rope.sin", w.rope_sin)
+                assert cos is not None and sin is not None
+                # [B, 1, S, D]: broadcast over heads.
+                rope = tuple(
+                    g.op("Unsqueeze", [g.op("Gather", [t, "position_ids"], axis=0), g.const([1])])
+                    for t in (cos, sin)
+                )
+        for i, layer in enumerate(w.layers):
+            with g.scope(f"layers.{i}"):
+                h = self.layer(i, layer, h, bias, rope)
+        with g.scope("head"):
+            h = self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
+            table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
+            head_b = self.weight("lm_head.bias", w.lm_head_b)
+            assert table is not None
+            # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
+            flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
+            logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
+            out_shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
+            logits = self.to_float32(g.op("Reshape", [logits, out_shape]))
+        g.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", w.vocab_size])
+        io = GraphIO(
+            inputs=["input_ids", "attention_mask", "position_ids", *[c["input"] for c in cache]],
+            outputs=["logits", *[c["output"] for c in cache]],
+            cache=cache,
+        )
+        order = {name: i for i, name in enumerate(io.outputs)}
+        g.outputs.sort(key=lambda value: order[value.name])
+        return g, io
+
+    def attention_bias(self) -> str:
+        """Additive float32 mask [B, 1, S, T]: 0 where a query may attend, a huge negative elsewhere."""
+        g = self.g
+        seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)  # scalar S
+        total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1)], axis=0)  # scalar T
+        past = g.op("Sub", [total, seq])
+        one = g.const(1)
+        q_pos = g.op("Unsqueeze", [g.op("Range", [past, total, one]), g.const([1])])  # [S, 1]
+        k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total, one]), g.const([0])])  # [1, T]
+        allowed = g.op("LessOrEqual", [k_pos, q_pos])  # causal [S, T]
+        if self.w.sliding_window:
+            lowest = g.op("Sub", [q_pos, g.const(self.w.sliding_window)])
+            allowed = g.op("And", [allowed, g.op("Greater", [k_pos, lowest])])
+        allowed = g.op("Unsqueeze", [allowed, g.const([0, 1])])  # [1, 1, S, T]
+        pad = g.op("Cast", ["attention_mask"], to=TensorProto.BOOL)
+        pad = g.op("Unsqueeze", [pad, g.const([1, 2])])  # [B, 1, 1, T]
+        allowed = g.op("And", [allowed, pad])
+        return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(MASK_VALUE, np.float32)])
+
+    def layer(self, i: int, lw: LayerWeights, h: str, bias: str, rope: tuple[str, str] | None) -> str:
+        g, w = self.g, self.w
+        heads, kv_heads, d = w.num_heads, w.num_kv_heads, w.head_dim
+        x = self.norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
+        qkv_w = self.weight(f"layers.{i}.attn.qkv.weight", lw.qkv_w)
+        assert qkv_w is not None
+        qkv = self.linear(x, qkv_w, self.weight(f"layers.{i}.attn.qkv.bias", lw.qkv_b))
+        q, k, v = g.split_last(qkv, [heads * d, kv_heads * d, kv_heads * d])
+        # [B, S, n*D] -> [B, n, S, D]
+        q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, heads, d])])], perm=[0, 2, 1, 3])
+        k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3])
+        v = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3])
+        if rope is not None:
+            q, k = self.rotate(q, rope), self.rotate(k, rope)
+        k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2)  # [B, KVH, T, D]
+        v = g.op("Concat", [f"past_key_values.{i}.value", v], axis=2)
+        g.add_output(k, f"present.{i}.key", self.onnx_float, ["batch", kv_heads, "total_sequence", d])
+        g.add_output(v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d])
+        ctx = self.attend(q, k, v, bias, lw.attn_scale)
+        o_w = self.weight(f"layers.{i}.attn.o.weight", lw.o_w)
+        assert o_w is not None
+        h = g.op("Add", [h, self.linear(ctx, o_w, self.weight(f"layers.{i}.attn.o.bias", lw.o_b))])
+        x = self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+        up_w = self.weight(f"layers.{i}.mlp.up.weight", lw.up_w)
+        down_w = self.weight(f"layers.{i}.mlp.down.weight", lw.down_w)
+        assert up_w is not None and down_w is not None
+        a = self.activation(self.linear(x, up_w, self.weight(f"layers.{i}.mlp.up.bias", lw.up_b)))
+        return g.op("Add", [h, self.linear(a, down_w, self.weight(f"layers.{i}.mlp.down.bias", lw.down_b))])
+
+    def rotate(self, x: str, rope: tuple[str, str]) -> str:
+        """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1]."""
+        g = self.g
+        half = self.w.head_dim // 2
+        x1, x2 = g.split_last(x, [half, half])
+        rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+        return g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
+
+    def attend(self, q: str, k: str, v: str, bias: str, scale: float) -> str:
+        """Scaled dot-product attention; returns [B, S, H*D].
+
+        Grouped-query attention folds the query heads that share a KV head into one axis
+        ([B, KVH, rep, S, D] against [B, KVH, 1, T, D]) so the cache is never repeated.
+        """
+        g, w = self.g, self.w
+        heads, kv_heads, d = w.num_heads, w.num_kv_heads, w.head_dim
+        rep = heads // kv_heads
+        q = g.op("Mul", [q, g.const(scale, self.np_float)])
+        k_t = g.op("Transpose", [k], perm=[0, 1, 3, 2])  # [B, KVH, D, T]
+        if rep > 1:
+            q = g.op("Reshape", [q, g.const([0, kv_heads, rep, -1, d])])
+            k_t = g.op("Unsqueeze", [k_t, g.const([2])])
+            v = g.op("Unsqueeze", [v, g.const([2])])
+            bias = g.op("Unsqueeze", [bias, g.const([1])])
+        scores = self.to_float32(g.op("MatMul", [q, k_t]))
+        probs = self.to_model_float(g.op("Softmax", [g.op("Add", [scores, bias])], axis=-1))
+        ctx = g.op("MatMul", [probs, v])
+        if rep > 1:
+            ctx = g.op("Reshape", [ctx, g.const([0, heads, -1, d])])
+        ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # [B, S, H, D]
+        return g.op("Reshape", [ctx, g.const([0, 0, heads * d])])
+
+
+def build_decoder_graph(weights: DecoderWeights, dtype: str, opset: int) -> tuple[GraphBuilder, GraphIO]:
+    """Build the KV-cache decoder graph for ``weights``.
+
+    Args:
+        weights: The model in neutral form (see :mod:`llmtool.export.architectures`).
+        dtype: ``fp32`` or ``fp16`` for weights, activations and cache.
+        opset: ONNX default-domain opset (17 or newer).
+    """
+    return _DecoderGraph(weights, dtype, opset).build()

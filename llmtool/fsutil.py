@@ -1,0 +1,101 @@
+"""Atomic outputs: everything is written under a temporary name and renamed into place."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+from llmtool.errors import UsageError
+
+
+def check_output_dir(out: Path, *, force: bool, source: Path | None = None) -> None:
+    """Refuse outputs that would overwrite something or cannot be written.
+
+    Args:
+        out: The directory that will be created.
+        force: Whether an existing ``out`` may be replaced.
+        source: The input model directory, if any; ``out`` may not be inside it.
+
+    Raises:
+        UsageError: ``out`` exists without ``force``, is a file, lies inside ``source``, or
+            its parent is not writable.
+    """
+    out = out.expanduser()
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"Output path {out} is a file", "choose a directory path for --out.")
+    if out.exists() and not force:
+        raise UsageError(
+            f"Output directory {out} already exists", "pass --force to replace it or pick another --out."
+        )
+    if source is not None and source.is_dir():
+        src = source.resolve()
+        dst = out.resolve()
+        if dst == src or src in dst.parents:
+            raise UsageError(
+                f"Output directory {out} is inside the model directory {source}",
+                "write the export somewhere else.",
+            )
+    parent = out.resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise UsageError(f"Cannot write to {existing}", "pick an --out in a writable directory.")
+
+
+@contextlib.contextmanager
+def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
+    """Yield a temporary directory that replaces ``out`` only if the block succeeds.
+
+    The temporary directory sits beside ``out`` (same filesystem, so the final rename is atomic)
+    and is removed on any failure, including KeyboardInterrupt.
+    """
+    out = out.expanduser().resolve()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if out.exists():
+            if not force:
+                raise UsageError(f"Output directory {out} already exists", "pass --force to replace it.")
+            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+
+
+def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in 4 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()

@@ -1,0 +1,74 @@
+"""Rich tables and JSON files for the results of export, generate and eval."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from rich.table import Table
+
+from llmtool.fsutil import atomic_write_text
+
+
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically."""
+    path = Path(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return f"{value:.{digits}g}"
+
+
+def export_table(manifest: dict[str, Any], out: Path) -> Table:
+    """Summary of an export and its validation."""
+    v = manifest["validation"]
+    table = Table(title=f"Exported {manifest['model_type']} → {out}", show_header=True)
+    table.add_column("check")
+    table.add_column("value", justify="right")
+    table.add_column("limit", justify="right")
+    table.add_column("", justify="center")
+    ok, bad = "[green]✓[/]", "[red]✗[/]"
+    table.add_row("prefill max |Δlogits|", f"{v['prefill_max_abs_diff']:.3g}", f"{v['tolerance']:g}",
+                  ok if v["prefill_max_abs_diff"] <= v["tolerance"] else bad)
+    table.add_row(f"decode max |Δlogits| ({v['decode_steps']} steps)", f"{v['decode_max_abs_diff']:.3g}",
+                  f"{v['tolerance']:g}", ok if v["decode_max_abs_diff"] <= v["tolerance"] else bad)
+    table.add_row("greedy tokens equal", f"{v['greedy_tokens_compared'] - len(v['mismatches'])}"
+                  f"/{v['greedy_tokens_compared']}", "all", ok if v["greedy_match"] else bad)
+    table.caption = (
+        f"{manifest['parameters'] / 1e6:.1f}M parameters · {manifest['dtype']} · opset {manifest['opset']} · "
+        f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} left-padded"
+    )
+    return table
+
+
+def perplexity_table(result: dict[str, Any], title: str = "Perplexity") -> Table:
+    """Perplexity, NLL, bits per byte and the window settings."""
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("perplexity (token)", _fmt(result["perplexity"], 6))
+    table.add_row("mean NLL (nats/token)", _fmt(result["nll"], 6))
+    table.add_row("bits per byte", _fmt(result["bits_per_byte"], 5))
+    table.add_row("tokens scored", f"{result['tokens']:,}")
+    table.add_row("window / stride", f"{result['max_length']} / {result['stride']}")
+    table.caption = f"{result['windows']} windows on {result['provider']} in {result['seconds']:.1f} s"
+    return table
+
+
+def generation_table(result: dict[str, Any]) -> Table:
+    """One row per prompt with its continuation, then the timing."""
+    timing = result["timing"]
+    table = Table(title="Generation", show_lines=True)
+    table.add_column("prompt", overflow="fold")
+    table.add_column("continuation", overflow="fold")
+    table.add_column("tokens", justify="right")
+    for out in result["outputs"]:
+        table.add_row(out["prompt"], out["text"], f"{out['new_tokens']} ({out['finish_reason']})")
+    table.caption = (
+        f"{result['provider']} · time to first token {timing['prefill_s'] * 1000:.0f} ms · "
+        f"decode {timing['decode_tokens_per_s']:.1f} tok/s"
+    )
+    return table

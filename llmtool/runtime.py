@@ -1,0 +1,214 @@
+"""ONNX Runtime sessions for llmtool exports: provider choice and the cached forward pass.
+
+:class:`OnnxCausalLM` is the one interface generation and evaluation use. It reads the export's
+``llmtool.json`` to learn the graph's inputs and how its cache is fed back, so no caller needs
+to know whether the cache is attention keys/values or a recurrent state.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from llmtool import defaults
+from llmtool.errors import UsageError
+from llmtool.manifest import read_manifest, verify_files
+
+PROVIDERS = ("auto", "cuda", "cpu")
+ORT_NAMES = {"cuda": "CUDAExecutionProvider", "cpu": "CPUExecutionProvider"}
+NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@functools.lru_cache(maxsize=1)
+def cuda_device_count() -> int:
+    """Number of CUDA devices the driver reports (0 without a driver), without initializing ORT."""
+    for name in ("libcuda.so.1", "libcuda.so", "nvcuda.dll"):
+        try:
+            lib = ctypes.CDLL(name)
+        except OSError:
+            continue
+        count = ctypes.c_int(0)
+        if lib.cuInit(0) != 0 or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
+            return 0
+        return count.value
+    return 0
+
+
+def cuda_available() -> bool:
+    """Whether the CUDA execution provider can actually run here (EP built in and a GPU present)."""
+    import onnxruntime as ort
+
+    return "CUDAExecutionProvider" in ort.get_available_providers() and cuda_device_count() > 0
+
+
+@dataclass
+class SessionOptions:
+    """ONNX Runtime session settings chosen by llmtool (exposed as CLI options where useful).
+
+    Attributes:
+        intra_op_threads: Threads inside one operator; 0 lets ORT use every physical core.
+        graph_optimization: ``all``, ``extended``, ``basic`` or ``disable``.
+    """
+
+    intra_op_threads: int = 0
+    graph_optimization: str = "all"
+
+
+def create_session(
+    model_path: Path, provider: str = defaults.PROVIDER, options: SessionOptions | None = None
+) -> tuple[Any, str]:
+    """Create an inference session on the requested provider.
+
+    Args:
+        model_path: The .onnx file.
+        provider: ``auto`` (CUDA when a GPU is usable, else CPU), ``cuda`` or ``cpu``.
+        options: Session settings.
+
+    Returns:
+        The session and the provider it really runs on (``cuda`` or ``cpu``).
+
+    Raises:
+        UsageError: ``cuda`` was asked for and the CUDA execution provider is not usable.
+    """
+    import onnxruntime as ort
+
+    if provider not in PROVIDERS:
+        raise UsageError(f"Unknown provider {provider!r}", f"use one of {', '.join(PROVIDERS)}.")
+    options = options or SessionOptions()
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = options.intra_op_threads
+    so.graph_optimization_level = {
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+    }[options.graph_optimization]
+    want_cuda = provider == "cuda" or (provider == "auto" and cuda_available())
+    if provider == "cuda" and not cuda_available():
+        raise UsageError(
+            "The CUDA execution provider is not usable here (no GPU, driver or onnxruntime-gpu)",
+            "run with --provider cpu, or install onnxruntime-gpu on a machine with an NVIDIA GPU.",
+        )
+    try:
+        if want_cuda:
+            so.log_severity_level = 3  # ORT only warns when it falls back; we check providers below.
+            session = ort.InferenceSession(
+                str(model_path), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+            )
+            if session.get_providers()[0] == "CUDAExecutionProvider":
+                return session, "cuda"
+            if provider == "cuda":
+                raise UsageError(
+                    "onnxruntime created the session on CPU although CUDA was requested",
+                    "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or run with --provider cpu.",
+                )
+        session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+    except UsageError:
+        raise
+    except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
+        raise UsageError(
+            f"onnxruntime cannot load {model_path} ({str(e).splitlines()[0][:200]})",
+            "re-export the model with `llmtool export --force`.",
+        ) from e
+    return session, "cpu"
+
+
+class OnnxCausalLM:
+    """An llmtool export loaded into an ONNX Runtime session.
+
+    Args:
+        directory: The export directory (holds llmtool.json).
+        provider: ``auto``, ``cuda`` or ``cpu``.
+        verify: Check the ONNX files against the sha256 recorded at export.
+        options: Session settings.
+    """
+
+    def __init__(
+        self,
+        directory: str | Path,
+        provider: str = defaults.PROVIDER,
+        *,
+        verify: bool = True,
+        options: SessionOptions | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise UsageError(
+                f"Export directory {self.directory} does not exist",
+                "create it with `llmtool export MODEL --out DIR`.",
+            )
+        self.manifest = read_manifest(self.directory)
+        verify_files(self.directory, self.manifest, hashes=verify)
+        self.session, self.provider = create_session(
+            self.directory / self.manifest["model_file"], provider, options
+        )
+        self.cache_entries: list[dict[str, Any]] = self.manifest["cache"]
+        self.input_names = {i.name for i in self.session.get_inputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self.max_positions: int | None = self.manifest.get("max_positions")
+        self.vocab_size: int = self.manifest["vocab_size"]
+        self._tokenizer: Any = None
+
+    @property
+    def tokenizer(self) -> Any:
+        """The tokenizer saved beside the ONNX graph (loaded on first use)."""
+        if self._tokenizer is None:
+            from llmtool.loading import ModelSpec, load_tokenizer
+
+            self._tokenizer = load_tokenizer(ModelSpec("hf_dir", self.directory, None, str(self.directory)))
+        return self._tokenizer
+
+    @property
+    def generation_config(self) -> dict[str, Any]:
+        path = self.directory / "generation_config.json"
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+        return {}
+
+    def eos_token_ids(self) -> list[int]:
+        """EOS ids as transformers' generate would use them (generation config, then tokenizer)."""
+        eos = self.generation_config.get("eos_token_id")
+        if eos is None:
+            eos = self.tokenizer.eos_token_id
+        if eos is None:
+            return []
+        return [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+
+    def empty_cache(self, batch: int) -> dict[str, np.ndarray]:
+        """A cache for ``batch`` sequences that have seen nothing: zero past length or zero state."""
+        cache = {}
+        for entry in self.cache_entries:
+            shape = [batch if d == "batch" else 0 if d == "past_sequence" else int(d) for d in entry["shape"]]
+            cache[entry["input"]] = np.zeros(shape, dtype=NP_DTYPES[entry["dtype"]])
+        return cache
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """Run one step.
+
+        Args:
+            input_ids: [batch, sequence] int64, the new tokens.
+            attention_mask: [batch, past + sequence] int64, 0 on left padding.
+            position_ids: [batch, sequence] int64.
+            cache: The cache returned by the previous call (or :meth:`empty_cache`).
+
+        Returns:
+            logits [batch, sequence, vocab] float32 and the updated cache.
+        """
+        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        feeds.update(cache)
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        new_cache = {entry["input"]: outputs[entry["output"]] for entry in self.cache_entries}
+        return outputs["logits"], new_cache
