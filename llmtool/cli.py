@@ -42,7 +42,9 @@ def _version(value: bool) -> None:
 @app.callback()
 def _main(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
 ) -> None:
     _state["debug"] = debug
 
@@ -79,7 +81,10 @@ def handle_errors(func: F) -> F:
             if _state["debug"]:
                 raise
             first = str(e).splitlines()[0] if str(e) else ""
-            _fail(f"Unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback).", 1)
+            _fail(
+                f"Unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback).",
+                1,
+            )
 
     return wrapper  # type: ignore[return-value]
 
@@ -97,7 +102,9 @@ def export_cmd(
     dtype: str = typer.Option(defaults.EXPORT_DTYPE, help="fp32 or fp16."),
     opset: int = typer.Option(defaults.OPSET, help="ONNX opset (17-21)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Accept pickle weights (can run code)."),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Accept pickle weights (can run code)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
 ) -> None:
     """Export MODEL to ONNX with a KV cache and validate it against PyTorch.
@@ -109,8 +116,15 @@ def export_cmd(
     from llmtool.reports import export_table
 
     with err_console.status("Exporting") as status:
-        result = export_model(model, out, dtype=dtype, opset=opset, force=force, allow_pickle=allow_pickle,
-                              on_stage=lambda s: status.update(s))
+        result = export_model(
+            model,
+            out,
+            dtype=dtype,
+            opset=opset,
+            force=force,
+            allow_pickle=allow_pickle,
+            on_stage=lambda s: status.update(s),
+        )
     if as_json:
         _print_json({"out": str(result.out), "seconds": result.seconds, **result.manifest})
         return
@@ -127,10 +141,14 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
         try:
             lines = prompt_file.read_text(encoding="utf-8").splitlines()
         except UnicodeDecodeError as e:
-            raise UsageError(f"{prompt_file} is not valid UTF-8 (bad byte at offset {e.start})") from e
+            raise UsageError(
+                f"{prompt_file} is not valid UTF-8 (bad byte at offset {e.start})"
+            ) from e
         from_file = [line for line in lines if line.strip()]
         if not from_file:
-            raise UsageError(f"Prompt file {prompt_file} has no prompts", "write one prompt per line.")
+            raise UsageError(
+                f"Prompt file {prompt_file} has no prompts", "write one prompt per line."
+            )
         collected += from_file
     if not collected:
         raise UsageError("No prompt given", "pass --prompt TEXT or --prompt-file FILE.")
@@ -143,15 +161,25 @@ def generate_cmd(
     model_dir: Path = typer.Argument(..., help="An llmtool export directory."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeat for a batch."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="One prompt per line."),
-    max_new_tokens: int = typer.Option(defaults.MAX_NEW_TOKENS, help="Most tokens to generate per prompt."),
+    max_new_tokens: int = typer.Option(
+        defaults.MAX_NEW_TOKENS, help="Most tokens to generate per prompt."
+    ),
     strategy: str = typer.Option(defaults.STRATEGY, help="greedy or top-k (sampling)."),
     top_k: int = typer.Option(defaults.TOP_K, help="Candidates kept when sampling."),
     top_p: float = typer.Option(defaults.TOP_P, help="Nucleus mass kept when sampling, in (0, 1]."),
-    temperature: float = typer.Option(defaults.TEMPERATURE, help="Logit divisor when sampling, > 0."),
-    seed: int = typer.Option(defaults.SEED, help="Sampling seed: the same seed gives the same text."),
-    provider: str = typer.Option(defaults.PROVIDER, help="auto, cuda or cpu. cuda never falls back to CPU."),
+    temperature: float = typer.Option(
+        defaults.TEMPERATURE, help="Logit divisor when sampling, > 0."
+    ),
+    seed: int = typer.Option(
+        defaults.SEED, help="Sampling seed: the same seed gives the same text."
+    ),
+    provider: str = typer.Option(
+        defaults.PROVIDER, help="auto, cuda or cpu. cuda never falls back to CPU."
+    ),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
-    stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
+    stream: bool = typer.Option(
+        True, "--stream/--no-stream", help="Print text as it is generated."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
@@ -162,7 +190,9 @@ def generate_cmd(
     from llmtool.sampling import SamplingConfig
 
     prompts = _read_prompts(prompt, prompt_file)
-    sampling = SamplingConfig(strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed)
+    sampling = SamplingConfig(
+        strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
+    )
     sampling.validate()
     model = OnnxCausalLM(model_dir, provider, options=SessionOptions(intra_op_threads=threads))
     err_console.print(f"[dim]Running on {model.provider.upper()} ({model.directory.name})[/]")
@@ -173,8 +203,13 @@ def generate_cmd(
     def on_text(row: int, text: str) -> None:
         console.print(text, end="", markup=False, highlight=False)
 
-    result = generate(model, prompts, max_new_tokens=max_new_tokens, sampling=sampling,
-                      on_text=on_text if streaming else None).to_dict()
+    result = generate(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        on_text=on_text if streaming else None,
+    ).to_dict()
     if as_json:
         _print_json(result)
         return
@@ -194,11 +229,15 @@ def generate_cmd(
 def eval_cmd(
     model_dir: Path = typer.Argument(..., help="An llmtool export directory."),
     data: Path = typer.Option(..., "--data", help="UTF-8 text file to score."),
-    max_length: int | None = typer.Option(None, help="Window length (default: min(context, 1024))."),
+    max_length: int | None = typer.Option(
+        None, help="Window length (default: min(context, 1024))."
+    ),
     stride: int | None = typer.Option(None, help="Step between windows (default: max-length / 2)."),
     provider: str = typer.Option(defaults.PROVIDER, help="auto, cuda or cpu."),
     threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
-    json_path: Path | None = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    json_path: Path | None = typer.Option(
+        None, "--json", help="Also write the results to this JSON file."
+    ),
 ) -> None:
     """Sliding-window perplexity of an export on a text file."""
     from rich.progress import Progress
@@ -211,7 +250,11 @@ def eval_cmd(
     with Progress(console=err_console, transient=True) as progress:
         task = progress.add_task("Scoring windows", total=None)
         result = evaluate_perplexity(
-            model_dir, data, max_length=max_length, stride=stride, provider=provider,
+            model_dir,
+            data,
+            max_length=max_length,
+            stride=stride,
+            provider=provider,
             session_options=SessionOptions(intra_op_threads=threads),
             on_window=lambda done, total: progress.update(task, completed=done, total=total),
         )

@@ -59,7 +59,8 @@ def read_text(path: str | Path) -> str:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise UsageError(
-            f"{path} is not valid UTF-8 (bad byte at offset {e.start})", "convert the file to UTF-8."
+            f"{path} is not valid UTF-8 (bad byte at offset {e.start})",
+            "convert the file to UTF-8.",
         ) from e
     if not text.strip():
         raise UsageError(f"Data file {path} is empty", "pass a file with text in it.")

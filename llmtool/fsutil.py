@@ -30,7 +30,8 @@ def check_output_dir(out: Path, *, force: bool, source: Path | None = None) -> N
         raise UsageError(f"Output path {out} is a file", "choose a directory path for --out.")
     if out.exists() and not force:
         raise UsageError(
-            f"Output directory {out} already exists", "pass --force to replace it or pick another --out."
+            f"Output directory {out} already exists",
+            "pass --force to replace it or pick another --out.",
         )
     if source is not None and source.is_dir():
         src = source.resolve()
@@ -63,7 +64,9 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
         yield tmp
         if out.exists():
             if not force:
-                raise UsageError(f"Output directory {out} already exists", "pass --force to replace it.")
+                raise UsageError(
+                    f"Output directory {out} already exists", "pass --force to replace it."
+                )
             old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
             out.rename(old)
             tmp.rename(out)

@@ -95,8 +95,8 @@ class Batch:
         ids = np.full((len(rows), length), pad_id, dtype=np.int64)
         mask = np.zeros((len(rows), length), dtype=np.int64)
         for i, row in enumerate(rows):
-            ids[i, length - len(row):] = row
-            mask[i, length - len(row):] = 1
+            ids[i, length - len(row) :] = row
+            mask[i, length - len(row) :] = 1
         # Positions count real tokens only; padding gets position 0 (masked anyway).
         positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
         return cls(ids, mask, positions)
@@ -105,7 +105,10 @@ class Batch:
 def prefill(model: OnnxCausalLM, batch: Batch) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     """Run the prompts; returns last-position logits [B, V] and the cache."""
     logits, cache = model.forward(
-        batch.input_ids, batch.attention_mask, batch.position_ids, model.empty_cache(len(batch.input_ids))
+        batch.input_ids,
+        batch.attention_mask,
+        batch.position_ids,
+        model.empty_cache(len(batch.input_ids)),
     )
     return logits[:, -1, :], cache
 
@@ -133,11 +136,19 @@ class _Detokenizer:
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd") or not text.startswith(self.emitted):
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        delta, self.emitted = text[len(self.emitted) :], text
+        return delta
+
+    def flush(self, text: str) -> str:
+        """The rest of the final text (held-back partial characters included)."""
+        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+        self.emitted = text
         return delta
 
 
-def tokenize_prompts(model: OnnxCausalLM, prompts: Sequence[str], max_new_tokens: int) -> list[list[int]]:
+def tokenize_prompts(
+    model: OnnxCausalLM, prompts: Sequence[str], max_new_tokens: int
+) -> list[list[int]]:
     """Token ids of each prompt, checked against the model's context length."""
     if not prompts:
         raise UsageError("No prompt given", "pass --prompt TEXT or --prompt-file FILE.")
@@ -147,7 +158,9 @@ def tokenize_prompts(model: OnnxCausalLM, prompts: Sequence[str], max_new_tokens
             raise UsageError("A prompt is empty", "give every --prompt some text.")
         ids = model.tokenizer(prompt)["input_ids"]
         if not ids:
-            raise UsageError(f"The prompt {prompt[:40]!r} encodes to no tokens", "give it some text.")
+            raise UsageError(
+                f"The prompt {prompt[:40]!r} encodes to no tokens", "give it some text."
+            )
         if model.max_positions and len(ids) + max_new_tokens > model.max_positions:
             raise UsageError(
                 f"A prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's "
@@ -194,7 +207,11 @@ def generate(
     tokenizer = model.tokenizer
     rows = tokenize_prompts(model, prompts, max_new_tokens)
     eos = np.array(model.eos_token_ids(), dtype=np.int64)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (int(eos[0]) if eos.size else 0)
+    pad_id = (
+        tokenizer.pad_token_id
+        if tokenizer.pad_token_id is not None
+        else (int(eos[0]) if eos.size else 0)
+    )
     batch = Batch.left_padded(rows, pad_id)
     n = len(rows)
 
@@ -230,15 +247,20 @@ def generate(
     decode_s = time.perf_counter() - decode_start
 
     outputs = []
-    for prompt, ids in zip(prompts, generated, strict=True):
+    for row, (prompt, ids) in enumerate(zip(prompts, generated, strict=True)):
         stopped = bool(ids) and ids[-1] in eos
-        outputs.append(GeneratedText(
-            prompt=prompt,
-            text=tokenizer.decode(ids, skip_special_tokens=True),
-            token_ids=ids,
-            new_tokens=len(ids),
-            finish_reason="eos" if stopped else "length",
-        ))
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if on_text is not None and (rest := detok[row].flush(text)):
+            on_text(row, rest)
+        outputs.append(
+            GeneratedText(
+                prompt=prompt,
+                text=text,
+                token_ids=ids,
+                new_tokens=len(ids),
+                finish_reason="eos" if stopped else "length",
+            )
+        )
     timing = GenerationTiming(
         prefill_s=prefill_s,
         decode_s=decode_s,

@@ -128,6 +128,14 @@ def resolve_spec(spec: str | Path) -> ModelSpec:
     )
 
 
+def _quiet_transformers() -> None:
+    # The GGUF reader draws progress bars and warns on stderr; llmtool reports its own stages.
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
     import transformers
 
@@ -138,7 +146,9 @@ def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
 
 
 def _check_weights(path: Path, allow_pickle: bool) -> None:
-    has_safetensors = any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+    has_safetensors = (
+        any(path.glob("*.safetensors")) or (path / "model.safetensors.index.json").exists()
+    )
     if has_safetensors:
         return
     pickled = [name for name in PICKLE_WEIGHTS if (path / name).exists()]
@@ -208,6 +218,7 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
 
     if not isinstance(spec, ModelSpec):
         spec = resolve_spec(spec)
+    _quiet_transformers()
     if spec.kind == "onnx_dir":
         raise UsageError(
             f"{spec.path} is an llmtool ONNX directory, not a PyTorch model",
@@ -223,16 +234,25 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
     kwargs: dict[str, Any] = dict(_dtype_kwarg(torch.float32), attn_implementation="eager")
     try:
         if spec.kind == "gguf":
-            model = AutoModelForCausalLM.from_pretrained(spec.path, gguf_file=spec.gguf_file, **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(
+                spec.path, gguf_file=spec.gguf_file, **kwargs
+            )
         else:
             model = AutoModelForCausalLM.from_pretrained(
-                spec.path, trust_remote_code=False, use_safetensors=not allow_pickle or None, **kwargs
+                spec.path,
+                trust_remote_code=False,
+                use_safetensors=not allow_pickle or None,
+                **kwargs,
             )
     except (ValueError, OSError, KeyError, RuntimeError) as e:
-        raise UsageError(f"Cannot load model weights from {spec.display} ({str(e).splitlines()[0]})") from e
+        raise UsageError(
+            f"Cannot load model weights from {spec.display} ({str(e).splitlines()[0]})"
+        ) from e
     model.eval()
     try:
-        generation_config = GenerationConfig.from_pretrained(spec.path) if spec.kind == "hf_dir" else None
+        generation_config = (
+            GenerationConfig.from_pretrained(spec.path) if spec.kind == "hf_dir" else None
+        )
     except OSError:
         generation_config = None
     if generation_config is None:

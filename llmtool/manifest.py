@@ -20,7 +20,15 @@ def tool_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version()}
-    for dist in ("llmtool", "torch", "transformers", "onnx", "onnxruntime", "onnxruntime-gpu", "tokenizers"):
+    for dist in (
+        "llmtool",
+        "torch",
+        "transformers",
+        "onnx",
+        "onnxruntime",
+        "onnxruntime-gpu",
+        "tokenizers",
+    ):
         try:
             versions[dist] = md.version(dist)
         except md.PackageNotFoundError:
@@ -53,9 +61,13 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"{path} is unreadable ({e})", "re-export the model with `llmtool export`.") from e
+        raise UsageError(
+            f"{path} is unreadable ({e})", "re-export the model with `llmtool export`."
+        ) from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
-        raise UsageError(f"{path} is not an llmtool manifest", "re-export the model with `llmtool export`.")
+        raise UsageError(
+            f"{path} is not an llmtool manifest", "re-export the model with `llmtool export`."
+        )
     if manifest.get("format_version", 0) > FORMAT_VERSION:
         raise UsageError(
             f"{path} was written by a newer llmtool (format {manifest.get('format_version')})",
@@ -74,7 +86,9 @@ def verify_files(directory: Path, manifest: dict[str, Any], *, hashes: bool = Tr
         path = Path(directory) / name
         if not path.is_file():
             raise UsageError(f"{path} is missing", "re-export the model with `llmtool export`.")
-        if path.stat().st_size != record["bytes"] or (hashes and sha256_file(path) != record["sha256"]):
+        if path.stat().st_size != record["bytes"] or (
+            hashes and sha256_file(path) != record["sha256"]
+        ):
             raise UsageError(
                 f"{path} does not match the sha256 recorded in {MANIFEST_NAME}; it was modified or corrupted",
                 "re-export the model with `llmtool export --force`.",

@@ -41,11 +41,15 @@ def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
         UsageError: Fewer than two tokens, or a stride outside [1, max_length].
     """
     if n_tokens < 2:
-        raise UsageError("The text has fewer than 2 tokens, so nothing can be scored", "use a longer text.")
+        raise UsageError(
+            "The text has fewer than 2 tokens, so nothing can be scored", "use a longer text."
+        )
     if max_length < 2:
         raise UsageError(f"--max-length must be at least 2, got {max_length}")
     if not 1 <= stride <= max_length:
-        raise UsageError(f"--stride must be between 1 and --max-length ({max_length}), got {stride}")
+        raise UsageError(
+            f"--stride must be between 1 and --max-length ({max_length}), got {stride}"
+        )
     windows = []
     prev_end = 0
     for begin in range(0, n_tokens, stride):
@@ -102,11 +106,11 @@ def sliding_window_nll(
     total = 0.0
     count = 0
     for i, w in enumerate(windows):
-        ids = token_ids[w.begin:w.end][None, :]
+        ids = token_ids[w.begin : w.end][None, :]
         logits = logits_fn(ids)[0]
         # Target t is predicted at position t - 1 (window-relative indices).
         first, last = w.score_from - w.begin, w.end - w.begin
-        nll = token_nll(logits[first - 1:last - 1], token_ids[w.score_from:w.end])
+        nll = token_nll(logits[first - 1 : last - 1], token_ids[w.score_from : w.end])
         total += float(nll.sum())
         count += w.scored
         if on_window is not None:

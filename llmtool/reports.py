@@ -31,12 +31,24 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
     table.add_column("limit", justify="right")
     table.add_column("", justify="center")
     ok, bad = "[green]✓[/]", "[red]✗[/]"
-    table.add_row("prefill max |Δlogits|", f"{v['prefill_max_abs_diff']:.3g}", f"{v['tolerance']:g}",
-                  ok if v["prefill_max_abs_diff"] <= v["tolerance"] else bad)
-    table.add_row(f"decode max |Δlogits| ({v['decode_steps']} steps)", f"{v['decode_max_abs_diff']:.3g}",
-                  f"{v['tolerance']:g}", ok if v["decode_max_abs_diff"] <= v["tolerance"] else bad)
-    table.add_row("greedy tokens equal", f"{v['greedy_tokens_compared'] - len(v['mismatches'])}"
-                  f"/{v['greedy_tokens_compared']}", "all", ok if v["greedy_match"] else bad)
+    table.add_row(
+        "prefill max |Δlogits|",
+        f"{v['prefill_max_abs_diff']:.3g}",
+        f"{v['tolerance']:g}",
+        ok if v["prefill_max_abs_diff"] <= v["tolerance"] else bad,
+    )
+    table.add_row(
+        f"decode max |Δlogits| ({v['decode_steps']} steps)",
+        f"{v['decode_max_abs_diff']:.3g}",
+        f"{v['tolerance']:g}",
+        ok if v["decode_max_abs_diff"] <= v["tolerance"] else bad,
+    )
+    table.add_row(
+        "greedy tokens equal",
+        f"{v['greedy_tokens_compared'] - len(v['mismatches'])}/{v['greedy_tokens_compared']}",
+        "all",
+        ok if v["greedy_match"] else bad,
+    )
     table.caption = (
         f"{manifest['parameters'] / 1e6:.1f}M parameters · {manifest['dtype']} · opset {manifest['opset']} · "
         f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} left-padded"
@@ -54,7 +66,9 @@ def perplexity_table(result: dict[str, Any], title: str = "Perplexity") -> Table
     table.add_row("bits per byte", _fmt(result["bits_per_byte"], 5))
     table.add_row("tokens scored", f"{result['tokens']:,}")
     table.add_row("window / stride", f"{result['max_length']} / {result['stride']}")
-    table.caption = f"{result['windows']} windows on {result['provider']} in {result['seconds']:.1f} s"
+    table.caption = (
+        f"{result['windows']} windows on {result['provider']} in {result['seconds']:.1f} s"
+    )
     return table
 
 

@@ -97,7 +97,9 @@ def create_session(
         )
     try:
         if want_cuda:
-            so.log_severity_level = 3  # ORT only warns when it falls back; we check providers below.
+            so.log_severity_level = (
+                3  # ORT only warns when it falls back; we check providers below.
+            )
             session = ort.InferenceSession(
                 str(model_path), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
             )
@@ -161,7 +163,9 @@ class OnnxCausalLM:
         if self._tokenizer is None:
             from llmtool.loading import ModelSpec, load_tokenizer
 
-            self._tokenizer = load_tokenizer(ModelSpec("hf_dir", self.directory, None, str(self.directory)))
+            self._tokenizer = load_tokenizer(
+                ModelSpec("hf_dir", self.directory, None, str(self.directory))
+            )
         return self._tokenizer
 
     @property
@@ -184,7 +188,10 @@ class OnnxCausalLM:
         """A cache for ``batch`` sequences that have seen nothing: zero past length or zero state."""
         cache = {}
         for entry in self.cache_entries:
-            shape = [batch if d == "batch" else 0 if d == "past_sequence" else int(d) for d in entry["shape"]]
+            shape = [
+                batch if d == "batch" else 0 if d == "past_sequence" else int(d)
+                for d in entry["shape"]
+            ]
             cache[entry["input"]] = np.zeros(shape, dtype=NP_DTYPES[entry["dtype"]])
         return cache
 
@@ -206,9 +213,15 @@ class OnnxCausalLM:
         Returns:
             logits [batch, sequence, vocab] float32 and the updated cache.
         """
-        feeds = {"input_ids": input_ids, "attention_mask": attention_mask, "position_ids": position_ids}
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+        }
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         feeds.update(cache)
-        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feeds), strict=True))
+        outputs = dict(
+            zip(self.output_names, self.session.run(self.output_names, feeds), strict=True)
+        )
         new_cache = {entry["input"]: outputs[entry["output"]] for entry in self.cache_entries}
         return outputs["logits"], new_cache

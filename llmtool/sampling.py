@@ -37,7 +37,9 @@ class SamplingConfig:
     def validate(self) -> None:
         """Raise :class:`UsageError` for an unknown strategy or out-of-range parameter."""
         if self.strategy not in STRATEGIES:
-            raise UsageError(f"Unknown strategy {self.strategy!r}", f"use one of {', '.join(STRATEGIES)}.")
+            raise UsageError(
+                f"Unknown strategy {self.strategy!r}", f"use one of {', '.join(STRATEGIES)}."
+            )
         if self.strategy == "greedy":
             return
         if self.top_k < 1:
@@ -45,7 +47,9 @@ class SamplingConfig:
         if not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"--top-p must be in (0, 1], got {self.top_p}")
         if not self.temperature > 0.0:
-            raise UsageError(f"--temperature must be greater than 0 when sampling, got {self.temperature}")
+            raise UsageError(
+                f"--temperature must be greater than 0 when sampling, got {self.temperature}"
+            )
 
 
 class Sampler:

@@ -46,7 +46,9 @@ def _check_options(dtype: str, opset: int) -> None:
     if dtype not in DTYPES:
         raise UsageError(f"Unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}.")
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}.")
+        raise UsageError(
+            f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}."
+        )
 
 
 def export_model(
@@ -93,7 +95,9 @@ def export_model(
     out = Path(out)
     spec = resolve_spec(model)
     if spec.kind == "onnx_dir":
-        raise UsageError(f"{spec.path} is already an llmtool export", "pass the PyTorch model it came from.")
+        raise UsageError(
+            f"{spec.path} is already an llmtool export", "pass the PyTorch model it came from."
+        )
     check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
     seconds: dict[str, float] = {}
 

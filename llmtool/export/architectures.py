@@ -94,9 +94,13 @@ def extract_llama(model: Any) -> DecoderWeights:
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
     rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    rope_type = (
+        rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    )
     if rope_type == "dynamic":
-        raise UsageError("Dynamic NTK rope scaling is not supported by export", "use a model with static rope.")
+        raise UsageError(
+            "Dynamic NTK rope scaling is not supported by export", "use a model with static rope."
+        )
     if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
         raise UsageError("Partial rotary embeddings are not supported by export")
     if getattr(cfg, "hidden_act", "silu") != "silu":
@@ -109,37 +113,76 @@ def extract_llama(model: Any) -> DecoderWeights:
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
-        qkv_w = np.concatenate([_np(attn.q_proj.weight), _np(attn.k_proj.weight), _np(attn.v_proj.weight)], 0).T
+        qkv_w = np.concatenate(
+            [_np(attn.q_proj.weight), _np(attn.k_proj.weight), _np(attn.v_proj.weight)], 0
+        ).T
         biases = [getattr(attn, n).bias for n in ("q_proj", "k_proj", "v_proj")]
-        qkv_b = None if all(b is None for b in biases) else np.concatenate(
-            [_np(b) if b is not None else np.zeros(getattr(attn, n).out_features, np.float32)
-             for b, n in zip(biases, ("q_proj", "k_proj", "v_proj"), strict=True)]
+        qkv_b = (
+            None
+            if all(b is None for b in biases)
+            else np.concatenate(
+                [
+                    _np(b) if b is not None else np.zeros(getattr(attn, n).out_features, np.float32)
+                    for b, n in zip(biases, ("q_proj", "k_proj", "v_proj"), strict=True)
+                ]
+            )
         )
         gate_b, up_b = mlp.gate_proj.bias, mlp.up_proj.bias
-        layers.append(LayerWeights(
-            norm1_w=_np(layer.input_layernorm.weight), norm1_b=None,
-            qkv_w=np.ascontiguousarray(qkv_w), qkv_b=qkv_b,
-            o_w=np.ascontiguousarray(_np(attn.o_proj.weight).T), o_b=_np_opt(attn.o_proj, "bias"),
-            norm2_w=_np(layer.post_attention_layernorm.weight), norm2_b=None,
-            up_w=np.ascontiguousarray(np.concatenate([_np(mlp.gate_proj.weight), _np(mlp.up_proj.weight)], 0).T),
-            up_b=None if gate_b is None else np.concatenate([_np(gate_b), _np(up_b)]),
-            down_w=np.ascontiguousarray(_np(mlp.down_proj.weight).T), down_b=_np_opt(mlp.down_proj, "bias"),
-            attn_scale=float(getattr(attn, "scaling", head_dim ** -0.5)),
-        ))
+        layers.append(
+            LayerWeights(
+                norm1_w=_np(layer.input_layernorm.weight),
+                norm1_b=None,
+                qkv_w=np.ascontiguousarray(qkv_w),
+                qkv_b=qkv_b,
+                o_w=np.ascontiguousarray(_np(attn.o_proj.weight).T),
+                o_b=_np_opt(attn.o_proj, "bias"),
+                norm2_w=_np(layer.post_attention_layernorm.weight),
+                norm2_b=None,
+                up_w=np.ascontiguousarray(
+                    np.concatenate([_np(mlp.gate_proj.weight), _np(mlp.up_proj.weight)], 0).T
+                ),
+                up_b=None if gate_b is None else np.concatenate([_np(gate_b), _np(up_b)]),
+                down_w=np.ascontiguousarray(_np(mlp.down_proj.weight).T),
+                down_b=_np_opt(mlp.down_proj, "bias"),
+                attn_scale=float(getattr(attn, "scaling", head_dim**-0.5)),
+            )
+        )
     embed = _np(model.model.embed_tokens.weight)
     lm_head = _np(model.lm_head.weight)
-    tied = model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr() or np.array_equal(lm_head, embed)
+    tied = (
+        model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+        or np.array_equal(lm_head, embed)
+    )
     return DecoderWeights(
-        arch="llama", model_type=cfg.model_type, num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        hidden_size=cfg.hidden_size, vocab_size=cfg.vocab_size, max_positions=max_pos,
-        norm="rms", norm_eps=float(cfg.rms_norm_eps), activation="silu_glu",
-        embed=embed, final_norm_w=_np(model.model.norm.weight), final_norm_b=None,
-        lm_head=None if tied else lm_head, lm_head_b=_np_opt(model.lm_head, "bias"),
-        layers=layers, rope_cos=cos, rope_sin=sin, sliding_window=window,
+        arch="llama",
+        model_type=cfg.model_type,
+        num_heads=heads,
+        num_kv_heads=kv_heads,
+        head_dim=head_dim,
+        hidden_size=cfg.hidden_size,
+        vocab_size=cfg.vocab_size,
+        max_positions=max_pos,
+        norm="rms",
+        norm_eps=float(cfg.rms_norm_eps),
+        activation="silu_glu",
+        embed=embed,
+        final_norm_w=_np(model.model.norm.weight),
+        final_norm_b=None,
+        lm_head=None if tied else lm_head,
+        lm_head_b=_np_opt(model.lm_head, "bias"),
+        layers=layers,
+        rope_cos=cos,
+        rope_sin=sin,
+        sliding_window=window,
     )
 
 
-GPT2_ACTIVATIONS = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu", "relu": "relu"}
+GPT2_ACTIVATIONS = {
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu": "gelu",
+    "relu": "relu",
+}
 
 
 def extract_gpt2(model: Any) -> DecoderWeights:
@@ -154,28 +197,47 @@ def extract_gpt2(model: Any) -> DecoderWeights:
     head_dim = cfg.n_embd // heads
     layers = []
     for i, block in enumerate(model.transformer.h):
-        scale = head_dim ** -0.5 if cfg.scale_attn_weights else 1.0
+        scale = head_dim**-0.5 if cfg.scale_attn_weights else 1.0
         if getattr(cfg, "scale_attn_by_inverse_layer_idx", False):
             scale /= float(i + 1)
         # GPT-2's Conv1D stores weights as [in, out] already.
-        layers.append(LayerWeights(
-            norm1_w=_np(block.ln_1.weight), norm1_b=_np(block.ln_1.bias),
-            qkv_w=_np(block.attn.c_attn.weight), qkv_b=_np(block.attn.c_attn.bias),
-            o_w=_np(block.attn.c_proj.weight), o_b=_np(block.attn.c_proj.bias),
-            norm2_w=_np(block.ln_2.weight), norm2_b=_np(block.ln_2.bias),
-            up_w=_np(block.mlp.c_fc.weight), up_b=_np(block.mlp.c_fc.bias),
-            down_w=_np(block.mlp.c_proj.weight), down_b=_np(block.mlp.c_proj.bias),
-            attn_scale=scale,
-        ))
+        layers.append(
+            LayerWeights(
+                norm1_w=_np(block.ln_1.weight),
+                norm1_b=_np(block.ln_1.bias),
+                qkv_w=_np(block.attn.c_attn.weight),
+                qkv_b=_np(block.attn.c_attn.bias),
+                o_w=_np(block.attn.c_proj.weight),
+                o_b=_np(block.attn.c_proj.bias),
+                norm2_w=_np(block.ln_2.weight),
+                norm2_b=_np(block.ln_2.bias),
+                up_w=_np(block.mlp.c_fc.weight),
+                up_b=_np(block.mlp.c_fc.bias),
+                down_w=_np(block.mlp.c_proj.weight),
+                down_b=_np(block.mlp.c_proj.bias),
+                attn_scale=scale,
+            )
+        )
     embed = _np(model.transformer.wte.weight)
     lm_head = _np(model.lm_head.weight)
     return DecoderWeights(
-        arch="gpt2", model_type=cfg.model_type, num_heads=heads, num_kv_heads=heads, head_dim=head_dim,
-        hidden_size=cfg.n_embd, vocab_size=cfg.vocab_size, max_positions=cfg.n_positions,
-        norm="layer", norm_eps=float(cfg.layer_norm_epsilon), activation=act,
-        embed=embed, final_norm_w=_np(model.transformer.ln_f.weight), final_norm_b=_np(model.transformer.ln_f.bias),
+        arch="gpt2",
+        model_type=cfg.model_type,
+        num_heads=heads,
+        num_kv_heads=heads,
+        head_dim=head_dim,
+        hidden_size=cfg.n_embd,
+        vocab_size=cfg.vocab_size,
+        max_positions=cfg.n_positions,
+        norm="layer",
+        norm_eps=float(cfg.layer_norm_epsilon),
+        activation=act,
+        embed=embed,
+        final_norm_w=_np(model.transformer.ln_f.weight),
+        final_norm_b=_np(model.transformer.ln_f.bias),
         lm_head=None if np.array_equal(lm_head, embed) else lm_head,
-        layers=layers, positions=_np(model.transformer.wpe.weight),
+        layers=layers,
+        positions=_np(model.transformer.wpe.weight),
     )
 
 

@@ -38,18 +38,22 @@ class GraphIO:
     cache: list[dict[str, Any]]
 
 
-def cache_entries(num_layers: int, kv_heads: int, head_dim: int, dtype: str) -> list[dict[str, Any]]:
+def cache_entries(
+    num_layers: int, kv_heads: int, head_dim: int, dtype: str
+) -> list[dict[str, Any]]:
     """The manifest's description of the KV cache: one entry per fed-back tensor."""
     entries = []
     for i in range(num_layers):
         for kind in ("key", "value"):
-            entries.append({
-                "input": f"past_key_values.{i}.{kind}",
-                "output": f"present.{i}.{kind}",
-                "shape": ["batch", kv_heads, "past_sequence", head_dim],
-                "dtype": "float16" if dtype == "fp16" else "float32",
-                "sequence_axis": 2,
-            })
+            entries.append(
+                {
+                    "input": f"past_key_values.{i}.{kind}",
+                    "output": f"present.{i}.{kind}",
+                    "shape": ["batch", kv_heads, "past_sequence", head_dim],
+                    "dtype": "float16" if dtype == "fp16" else "float32",
+                    "sequence_axis": 2,
+                }
+            )
     return entries
 
 
@@ -61,8 +65,11 @@ class _DecoderGraph:
         self.g = GraphBuilder(opset, name=f"llmtool_{w.model_type}")
 
     # helpers ------------------------------------------------------------------------------
-    def weight(self, name: str, array: np.ndarray | None) -> str | None:
-        return None if array is None else self.g.weight(name, array.astype(self.np_float))
+    def weight(self, name: str, array: np.ndarray) -> str:
+        return self.g.weight(name, array.astype(self.np_float))
+
+    def optional_weight(self, name: str, array: np.ndarray | None) -> str | None:
+        return None if array is None else self.weight(name, array)
 
     def to_float32(self, x: str) -> str:
         return x if self.dtype == "fp32" else self.g.op("Cast", [x], to=TensorProto.FLOAT)
@@ -77,11 +84,16 @@ class _DecoderGraph:
     def norm(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
         g = self.g
         w = self.weight(f"{name}.weight", weight)
-        assert w is not None
         eps = self.w.norm_eps
         if self.w.norm == "layer":
-            b = self.weight(f"{name}.bias", bias)
-            return g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=eps, stash_type=1)
+            b = self.optional_weight(f"{name}.bias", bias)
+            return g.op(
+                "LayerNormalization",
+                [x, w, *([b] if b else [])],
+                axis=-1,
+                epsilon=eps,
+                stash_type=1,
+            )
         # RMSNorm in float32, as transformers computes it: x / sqrt(mean(x^2) + eps) * w.
         xf = self.to_float32(x)
         var = g.reduce_mean_last(g.op("Pow", [xf, g.const(2.0, np.float32)]))
@@ -102,8 +114,13 @@ class _DecoderGraph:
             inner = g.op("Erf", [g.op("Div", [h, g.const(math.sqrt(2.0), f)])])
         else:  # gelu_tanh: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))
             cube = g.op("Mul", [g.op("Pow", [h, g.const(3.0, f)]), g.const(0.044715, f)])
-            inner = g.op("Tanh", [g.op("Mul", [g.op("Add", [h, cube]), g.const(math.sqrt(2.0 / math.pi), f)])])
-        return g.op("Mul", [g.op("Mul", [h, g.const(0.5, f)]), g.op("Add", [inner, g.const(1.0, f)])])
+            inner = g.op(
+                "Tanh",
+                [g.op("Mul", [g.op("Add", [h, cube]), g.const(math.sqrt(2.0 / math.pi), f)])],
+            )
+        return g.op(
+            "Mul", [g.op("Mul", [h, g.const(0.5, f)]), g.op("Add", [inner, g.const(1.0, f)])]
+        )
 
     # graph -----------------------------------------------------------------------------------
     def build(self) -> tuple[GraphBuilder, GraphIO]:
@@ -117,11 +134,9 @@ class _DecoderGraph:
 
         with g.scope("embed"):
             embed = self.weight("embed_tokens.weight", w.embed)
-            assert embed is not None
             h = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, E]
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
-                assert pos is not None
                 h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
         with g.scope("mask"):
             bias = self.attention_bias()
@@ -130,7 +145,6 @@ class _DecoderGraph:
             with g.scope("rope"):
                 cos = self.weight("rope.cos", w.rope_cos)
                 sin = self.weight("rope.sin", w.rope_sin)
-                assert cos is not None and sin is not None
                 # [B, 1, S, D]: broadcast over heads.
                 rope = tuple(
                     g.op("Unsqueeze", [g.op("Gather", [t, "position_ids"], axis=0), g.const([1])])
@@ -142,12 +156,13 @@ class _DecoderGraph:
         with g.scope("head"):
             h = self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
             table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
-            head_b = self.weight("lm_head.bias", w.lm_head_b)
-            assert table is not None
+            head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
             # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
             flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
             logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
-            out_shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
+            out_shape = g.op(
+                "Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0
+            )
             logits = self.to_float32(g.op("Reshape", [logits, out_shape]))
         g.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", w.vocab_size])
         io = GraphIO(
@@ -178,34 +193,54 @@ class _DecoderGraph:
         allowed = g.op("And", [allowed, pad])
         return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(MASK_VALUE, np.float32)])
 
-    def layer(self, i: int, lw: LayerWeights, h: str, bias: str, rope: tuple[str, str] | None) -> str:
+    def layer(
+        self, i: int, lw: LayerWeights, h: str, bias: str, rope: tuple[str, str] | None
+    ) -> str:
         g, w = self.g, self.w
         heads, kv_heads, d = w.num_heads, w.num_kv_heads, w.head_dim
         x = self.norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
         qkv_w = self.weight(f"layers.{i}.attn.qkv.weight", lw.qkv_w)
-        assert qkv_w is not None
-        qkv = self.linear(x, qkv_w, self.weight(f"layers.{i}.attn.qkv.bias", lw.qkv_b))
+        qkv = self.linear(x, qkv_w, self.optional_weight(f"layers.{i}.attn.qkv.bias", lw.qkv_b))
         q, k, v = g.split_last(qkv, [heads * d, kv_heads * d, kv_heads * d])
         # [B, S, n*D] -> [B, n, S, D]
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, heads, d])])], perm=[0, 2, 1, 3])
-        k = g.op("Transpose", [g.op("Reshape", [k, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3])
-        v = g.op("Transpose", [g.op("Reshape", [v, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3])
+        k = g.op(
+            "Transpose", [g.op("Reshape", [k, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3]
+        )
+        v = g.op(
+            "Transpose", [g.op("Reshape", [v, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3]
+        )
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
         k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2)  # [B, KVH, T, D]
         v = g.op("Concat", [f"past_key_values.{i}.value", v], axis=2)
-        g.add_output(k, f"present.{i}.key", self.onnx_float, ["batch", kv_heads, "total_sequence", d])
-        g.add_output(v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d])
+        g.add_output(
+            k, f"present.{i}.key", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
+        )
+        g.add_output(
+            v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
+        )
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
         o_w = self.weight(f"layers.{i}.attn.o.weight", lw.o_w)
-        assert o_w is not None
-        h = g.op("Add", [h, self.linear(ctx, o_w, self.weight(f"layers.{i}.attn.o.bias", lw.o_b))])
+        h = g.op(
+            "Add",
+            [h, self.linear(ctx, o_w, self.optional_weight(f"layers.{i}.attn.o.bias", lw.o_b))],
+        )
         x = self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
         up_w = self.weight(f"layers.{i}.mlp.up.weight", lw.up_w)
         down_w = self.weight(f"layers.{i}.mlp.down.weight", lw.down_w)
-        assert up_w is not None and down_w is not None
-        a = self.activation(self.linear(x, up_w, self.weight(f"layers.{i}.mlp.up.bias", lw.up_b)))
-        return g.op("Add", [h, self.linear(a, down_w, self.weight(f"layers.{i}.mlp.down.bias", lw.down_b))])
+        a = self.activation(
+            self.linear(x, up_w, self.optional_weight(f"layers.{i}.mlp.up.bias", lw.up_b))
+        )
+        return g.op(
+            "Add",
+            [
+                h,
+                self.linear(
+                    a, down_w, self.optional_weight(f"layers.{i}.mlp.down.bias", lw.down_b)
+                ),
+            ],
+        )
 
     def rotate(self, x: str, rope: tuple[str, str]) -> str:
         """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1]."""
@@ -240,7 +275,9 @@ class _DecoderGraph:
         return g.op("Reshape", [ctx, g.const([0, 0, heads * d])])
 
 
-def build_decoder_graph(weights: DecoderWeights, dtype: str, opset: int) -> tuple[GraphBuilder, GraphIO]:
+def build_decoder_graph(
+    weights: DecoderWeights, dtype: str, opset: int
+) -> tuple[GraphBuilder, GraphIO]:
     """Build the KV-cache decoder graph for ``weights``.
 
     Args:

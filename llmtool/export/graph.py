@@ -108,7 +108,9 @@ class GraphBuilder:
         if domain:
             self.domains.setdefault(domain, 1)
         self.nodes.append(
-            helper.make_node(op_type, list(inputs), outs, name=node_name, domain=domain or None, **attrs)
+            helper.make_node(
+                op_type, list(inputs), outs, name=node_name, domain=domain or None, **attrs
+            )
         )
         return outs[0] if outputs == 1 else outs
 
@@ -131,8 +133,12 @@ class GraphBuilder:
         inits = [numpy_helper.from_array(a, n) for n, a in self.weights.items()]
         return self._assemble(inits, producer, version)
 
-    def _assemble(self, inits: list[onnx.TensorProto], producer: str, version: str) -> onnx.ModelProto:
-        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, initializer=inits)
+    def _assemble(
+        self, inits: list[onnx.TensorProto], producer: str, version: str
+    ) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes, self.name, self.inputs, self.outputs, initializer=inits
+        )
         imports = [helper.make_opsetid("", self.opset)]
         imports += [helper.make_opsetid(d, v) for d, v in self.domains.items()]
         model = helper.make_model(graph, opset_imports=imports, producer_name=producer)
@@ -170,7 +176,11 @@ class GraphBuilder:
                 tensor.data_type = NP_TO_ONNX[array.dtype]
                 tensor.dims.extend(array.shape)
                 tensor.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data_path.name), ("offset", str(offset)), ("length", str(array.nbytes))):
+                for key, value in (
+                    ("location", data_path.name),
+                    ("offset", str(offset)),
+                    ("length", str(array.nbytes)),
+                ):
                     entry = tensor.external_data.add()
                     entry.key, entry.value = key, value
                 inits.append(tensor)

@@ -57,14 +57,20 @@ class ValidationReport:
 
     def failure_reason(self) -> str:
         if self.prefill_max_abs_diff > self.tolerance:
-            return f"prefill max |Δlogits| {self.prefill_max_abs_diff:.3g} exceeds {self.tolerance:g}"
+            return (
+                f"prefill max |Δlogits| {self.prefill_max_abs_diff:.3g} exceeds {self.tolerance:g}"
+            )
         if self.decode_max_abs_diff > self.tolerance:
             return f"decode max |Δlogits| {self.decode_max_abs_diff:.3g} exceeds {self.tolerance:g}"
         m = self.mismatches[0]
-        return f"greedy token differs at row {m['row']} step {m['step']} ({m['onnx']} vs {m['torch']})"
+        return (
+            f"greedy token differs at row {m['row']} step {m['step']} ({m['onnx']} vs {m['torch']})"
+        )
 
 
-def _torch_logits(model: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray) -> np.ndarray:
+def _torch_logits(
+    model: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray
+) -> np.ndarray:
     import torch
 
     with torch.no_grad():
@@ -108,27 +114,36 @@ def validate_export(
     greedy = np.stack([s.argmax(-1) for s in ref_steps], axis=1)  # [B, steps + 1]
 
     # ONNX Runtime: prefill, then PyTorch's greedy tokens fed through the KV cache.
-    logits, cache = onnx_model.forward(batch.input_ids, batch.attention_mask, batch.position_ids,
-                                       onnx_model.empty_cache(n))
+    logits, cache = onnx_model.forward(
+        batch.input_ids, batch.attention_mask, batch.position_ids, onnx_model.empty_cache(n)
+    )
     prefill_diff = float(np.abs(logits - ref_prefill)[real].max())
     got_steps = [logits[:, -1]]
     mask, pos = batch.attention_mask, batch.position_ids[:, -1]
     for t in range(decode_steps):
         mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
         pos = pos + 1
-        logits, cache = onnx_model.forward(greedy[:, t:t + 1], mask, pos[:, None], cache)
+        logits, cache = onnx_model.forward(greedy[:, t : t + 1], mask, pos[:, None], cache)
         got_steps.append(logits[:, -1])
-    decode_diff = max(float(np.abs(g - r).max()) for g, r in zip(got_steps[1:], ref_steps[1:], strict=True))
+    decode_diff = max(
+        float(np.abs(g - r).max()) for g, r in zip(got_steps[1:], ref_steps[1:], strict=True)
+    )
 
-    near_ties, mismatches = [], []
+    near_ties: list[dict[str, Any]] = []
+    mismatches: list[dict[str, Any]] = []
     for step, (got, ref) in enumerate(zip(got_steps, ref_steps, strict=True)):
         for row in range(n):
             onnx_tok, torch_tok = int(got[row].argmax()), int(greedy[row, step])
             if onnx_tok == torch_tok:
                 continue
             top2 = np.sort(ref[row])[-2:]
-            record = {"row": row, "step": step, "onnx": onnx_tok, "torch": torch_tok,
-                      "torch_top2_gap": float(top2[1] - top2[0])}
+            record = {
+                "row": row,
+                "step": step,
+                "onnx": onnx_tok,
+                "torch": torch_tok,
+                "torch_top2_gap": float(top2[1] - top2[0]),
+            }
             (near_ties if record["torch_top2_gap"] < tolerance else mismatches).append(record)
     report = ValidationReport(
         passed=prefill_diff <= tolerance and decode_diff <= tolerance and not mismatches,

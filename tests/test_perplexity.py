@@ -1,0 +1,119 @@
+"""Sliding-window perplexity: window planning, and ORT against transformers."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import load_hf
+from llmtool.errors import UsageError
+from llmtool.evaluate import evaluate_perplexity
+from llmtool.perplexity import plan_windows
+
+
+@pytest.mark.parametrize(
+    ("n", "max_length", "stride"), [(10, 4, 2), (101, 32, 7), (5, 8, 4), (64, 64, 1)]
+)
+def test_every_token_but_the_first_is_scored_once(n, max_length, stride):
+    scored = []
+    for w in plan_windows(n, max_length, stride):
+        assert w.end - w.begin <= max_length
+        assert w.score_from > w.begin  # every scored token has context in its window
+        scored.extend(range(w.score_from, w.end))
+    assert scored == list(range(1, n))
+
+
+def test_disjoint_windows_skip_each_window_start():
+    """With stride == max_length a window's first token has no context, so (as in the guide) it is not scored."""
+    windows = plan_windows(100, 16, 16)
+    scored = [t for w in windows for t in range(w.score_from, w.end)]
+    assert sorted(set(range(100)) - set(scored)) == [w.begin for w in windows]
+
+
+def transformers_sliding_window(hf_dir, text, max_length, stride):
+    """The transformers perplexity guide's loop, with the NLL summed exactly per scored token."""
+    import torch
+
+    loaded = load_hf(hf_dir)
+    ids = loaded.tokenizer(text, return_tensors="pt")["input_ids"]
+    seq_len = ids.size(1)
+    nll_sum, n_tokens, prev_end = 0.0, 0, 0
+    for begin in range(0, seq_len, stride):
+        end = min(begin + max_length, seq_len)
+        trg_len = end - prev_end
+        input_ids = ids[:, begin:end]
+        target_ids = input_ids.clone()
+        target_ids[:, :-trg_len] = -100
+        with torch.no_grad():
+            loss = loaded.model(input_ids, labels=target_ids).loss
+        scored = int((target_ids[:, 1:] != -100).sum())  # labels shift left by one inside the model
+        nll_sum += float(loss) * scored
+        n_tokens += scored
+        prev_end = end
+        if end == seq_len:
+            break
+    return math.exp(nll_sum / n_tokens), n_tokens
+
+
+@pytest.mark.parametrize(("max_length", "stride"), [(64, 32), (128, 128), (48, 17)])
+def test_onnx_perplexity_equals_transformers(tiny_export, sample_text_file, max_length, stride):
+    hf, out, _ = tiny_export
+    text = sample_text_file.read_text(encoding="utf-8")
+    expected, tokens = transformers_sliding_window(hf, text, max_length, stride)
+    result = evaluate_perplexity(
+        out, sample_text_file, max_length=max_length, stride=stride, provider="cpu"
+    )
+    assert result.tokens == tokens
+    assert result.perplexity == pytest.approx(expected, rel=1e-4)
+    assert result.nll == pytest.approx(math.log(expected), rel=1e-4)
+    n_bytes = len(text.encode("utf-8"))
+    assert result.bits_per_byte == pytest.approx(result.nll * result.tokens / math.log(2) / n_bytes)
+
+
+def test_defaults_follow_the_model_context(tiny_export, sample_text_file):
+    _, out, result = tiny_export
+    r = evaluate_perplexity(out, sample_text_file, provider="cpu")
+    assert r.max_length == min(result.manifest["max_positions"], 1024)
+    assert r.stride == r.max_length // 2
+
+
+def test_random_model_is_near_uniform(tiny_export, sample_text_file):
+    """A random model's perplexity is of the order of its vocabulary, a sanity bound on the scale."""
+    _, out, result = tiny_export
+    r = evaluate_perplexity(out, sample_text_file, provider="cpu")
+    assert 0.1 * result.manifest["vocab_size"] < r.perplexity < 10 * result.manifest["vocab_size"]
+
+
+@pytest.mark.parametrize(
+    ("content", "kwargs", "match"),
+    [
+        (b"", {}, "empty"),
+        (b"caf\xe9 au lait", {}, "offset 3"),
+        (b"some text here", {"max_length": 100_000}, "exceeds the model's context"),
+        (b"some text here to score", {"max_length": 8, "stride": 9}, "stride"),
+    ],
+)
+def test_bad_data(tiny_export, tmp_path, content, kwargs, match):
+    _, out, _ = tiny_export
+    data = tmp_path / "data.txt"
+    data.write_bytes(content)
+    with pytest.raises(UsageError, match=match):
+        evaluate_perplexity(out, data, provider="cpu", **kwargs)
+
+
+def test_missing_data_file(tiny_export, tmp_path):
+    with pytest.raises(UsageError, match="does not exist"):
+        evaluate_perplexity(tiny_export[1], tmp_path / "nope.txt", provider="cpu")
+
+
+def test_token_nll_matches_log_softmax():
+    from llmtool.perplexity import token_nll
+
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=5, size=(7, 50)).astype(np.float32)
+    targets = rng.integers(0, 50, size=7)
+    shifted = logits - logits.max(-1, keepdims=True)
+    expected = -(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))[np.arange(7), targets]
+    np.testing.assert_allclose(token_nll(logits, targets), expected, rtol=1e-5)

