@@ -59,16 +59,39 @@ def demo(session: nox.Session) -> None:
     text = ROOT / "llmtool" / "data" / "sample.txt"
     session.run("llmtool", "export", "smollm2", "--out", str(onnx_dir), "--force", env=ENV)
     session.run(
-        "llmtool", "generate", str(onnx_dir), "--prompt", "The capital of France is",
-        "--max-new-tokens", "32", env=ENV,
-    )
-    session.run(
-        "llmtool", "generate", str(onnx_dir), "--prompt", "Write a haiku about the sea.",
-        "--prompt", "def fibonacci(n):", "--max-new-tokens", "24", "--strategy", "top-k", "--seed", "0",
+        "llmtool",
+        "generate",
+        str(onnx_dir),
+        "--prompt",
+        "The capital of France is",
+        "--max-new-tokens",
+        "32",
         env=ENV,
     )
     session.run(
-        "llmtool", "eval", str(onnx_dir), "--data", str(text), "--json", str(DEMO_DIR / "perplexity.json"),
+        "llmtool",
+        "generate",
+        str(onnx_dir),
+        "--prompt",
+        "Write a haiku about the sea.",
+        "--prompt",
+        "def fibonacci(n):",
+        "--max-new-tokens",
+        "24",
+        "--strategy",
+        "top-k",
+        "--seed",
+        "0",
+        env=ENV,
+    )
+    session.run(
+        "llmtool",
+        "eval",
+        str(onnx_dir),
+        "--data",
+        str(text),
+        "--json",
+        str(DEMO_DIR / "perplexity.json"),
         env=ENV,
     )
 

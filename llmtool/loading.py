@@ -227,7 +227,7 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
     if spec.kind == "hf_dir":
         _check_weights(spec.path, allow_pickle)
     config = read_config(spec)
-    from llmtool.export.architectures import check_supported
+    from llmtool.export.builders import check_supported
 
     check_supported(config)
     tokenizer = load_tokenizer(spec)

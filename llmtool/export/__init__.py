@@ -79,8 +79,7 @@ def export_model(
         UsageError: Bad input; nothing is written.
         ValidationError: The graph does not match PyTorch; nothing is written.
     """
-    from llmtool.export.architectures import extract
-    from llmtool.export.decoder import build_decoder_graph
+    from llmtool.export.builders import build_graph
     from llmtool.export.validate import validate_export
     from llmtool.fsutil import atomic_directory, check_output_dir
     from llmtool.loading import load_model, resolve_spec
@@ -108,8 +107,9 @@ def export_model(
 
     stage("Building the ONNX graph")
     t = time.perf_counter()
-    weights = extract(loaded.model)
-    graph, io = build_decoder_graph(weights, dtype, opset)
+    built = build_graph(loaded.model, dtype, opset)
+    graph, io, meta = built.graph, built.io, built.meta
+    del built
     n_params = sum(p.numel() for p in loaded.model.parameters())
     seconds["build"] = time.perf_counter() - t
 
@@ -128,8 +128,7 @@ def export_model(
             "format_version": FORMAT_VERSION,
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"spec": spec.source, "kind": spec.kind, "path": spec.display},
-            "architecture": weights.arch,
-            "model_type": weights.model_type,
+            **meta,
             "graph": "kv-cache",
             "dtype": dtype,
             "opset": opset,
@@ -138,13 +137,6 @@ def export_model(
             "inputs": io.inputs,
             "outputs": io.outputs,
             "cache": io.cache,
-            "num_layers": weights.num_layers,
-            "num_heads": weights.num_heads,
-            "num_kv_heads": weights.num_kv_heads,
-            "head_dim": weights.head_dim,
-            "hidden_size": weights.hidden_size,
-            "vocab_size": weights.vocab_size,
-            "max_positions": weights.max_positions,
             "parameters": n_params,
             "versions": tool_versions(),
         }

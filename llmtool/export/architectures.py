@@ -249,22 +249,9 @@ EXTRACTORS: dict[str, Callable[[Any], DecoderWeights]] = {
 }
 
 
-def supported_model_types() -> list[str]:
-    """The ``config.model_type`` values export accepts."""
-    return sorted(EXTRACTORS)
-
-
-def check_supported(config: Any) -> None:
-    """Raise a :class:`UsageError` naming the supported architectures if ``config`` is not one."""
-    model_type = getattr(config, "model_type", None)
-    if model_type not in supported_model_types():
-        raise UsageError(
-            f"Architecture '{model_type}' is not supported",
-            f"llmtool exports {', '.join(supported_model_types())}.",
-        )
-
-
 def extract(model: Any) -> DecoderWeights:
     """Read a supported transformers model into a :class:`DecoderWeights`."""
-    check_supported(model.config)
-    return EXTRACTORS[model.config.model_type](model)
+    extractor = EXTRACTORS.get(model.config.model_type)
+    if extractor is None:
+        raise UsageError(f"No decoder extractor for '{model.config.model_type}'")
+    return extractor(model)
