@@ -101,6 +101,24 @@ def export_cmd(
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create."),
     dtype: str = typer.Option(defaults.EXPORT_DTYPE, help="fp32 or fp16."),
     opset: int = typer.Option(defaults.OPSET, help="ONNX opset (17-21)."),
+    fused: bool = typer.Option(
+        False,
+        "--fused",
+        help="Emit ONNX Runtime's fused ops (GroupQueryAttention, skip norms) for fast generation: "
+        "in-place KV cache, CUDA graphs. Use with --dtype fp16 on CUDA.",
+    ),
+    quantize: str | None = typer.Option(
+        None,
+        help="int8 (dynamic) or int4 (weight-only, blockwise MatMulNBits); records and gates "
+        "fidelity to fp32 (ΔPPL, KL, top-1).",
+    ),
+    block_size: int = typer.Option(defaults.QUANT_BLOCK_SIZE, help="int4 block length."),
+    symmetric: bool = typer.Option(
+        True, "--symmetric/--asymmetric", help="int4 without / with zero points."
+    ),
+    calibration: Path | None = typer.Option(
+        None, help="Text for the fidelity check of --quantize (default: the shipped sample)."
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out."),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights (can run code)."
@@ -121,6 +139,11 @@ def export_cmd(
             out,
             dtype=dtype,
             opset=opset,
+            fused=fused,
+            quantize=quantize,
+            block_size=block_size,
+            symmetric=symmetric,
+            calibration=calibration,
             force=force,
             allow_pickle=allow_pickle,
             on_stage=lambda s: status.update(s),
@@ -180,6 +203,9 @@ def generate_cmd(
     stream: bool = typer.Option(
         True, "--stream/--no-stream", help="Print text as it is generated."
     ),
+    ignore_eos: bool = typer.Option(
+        False, "--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
@@ -209,6 +235,7 @@ def generate_cmd(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         on_text=on_text if streaming else None,
+        stop_at_eos=not ignore_eos,
     ).to_dict()
     if as_json:
         _print_json(result)
@@ -228,41 +255,252 @@ def generate_cmd(
 @handle_errors
 def eval_cmd(
     model_dir: Path = typer.Argument(..., help="An llmtool export directory."),
-    data: Path = typer.Option(..., "--data", help="UTF-8 text file to score."),
-    max_length: int | None = typer.Option(
-        None, help="Window length (default: min(context, 1024))."
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="Text to score: a UTF-8 file, a directory of .txt files, or JSONL (one document a line).",
     ),
-    stride: int | None = typer.Option(None, help="Step between windows (default: max-length / 2)."),
+    protocol: str = typer.Option(
+        defaults.EVAL_PROTOCOL,
+        help="hf: sliding window with --stride (transformers); lm-eval: disjoint windows per "
+        "document, word and byte perplexity (lm-evaluation-harness); llama-cpp: chunks of "
+        "--max-length, second half scored (llama-perplexity).",
+    ),
+    text_field: str = typer.Option(
+        defaults.EVAL_TEXT_FIELD, help="The field holding the text in JSONL data."
+    ),
+    max_length: int | None = typer.Option(
+        None, help="Tokens per forward pass (default: min(context, 1024))."
+    ),
+    stride: int | None = typer.Option(
+        None, help="Step between windows, --protocol hf only (default: max-length / 2)."
+    ),
+    reference: str | None = typer.Option(
+        None,
+        help="A PyTorch model (Hugging Face dir, .gguf, smollm2) or another export scored on the "
+        "same tokens: ΔPPL, ln(PPL/PPL_ref), KL divergence, top-1 agreement.",
+    ),
+    throughput: bool = typer.Option(
+        False, "--throughput", help="Time prefill and decode per batch size and prompt length."
+    ),
+    batch_sizes: str = typer.Option(
+        ",".join(map(str, defaults.THROUGHPUT_BATCH_SIZES)), help="Batch sizes, comma-separated."
+    ),
+    prompt_lengths: str = typer.Option(
+        ",".join(map(str, defaults.THROUGHPUT_PROMPT_LENGTHS)),
+        help="Prompt lengths in tokens, comma-separated.",
+    ),
+    new_tokens: int = typer.Option(
+        defaults.THROUGHPUT_NEW_TOKENS, help="Tokens generated per row."
+    ),
+    warmup: int = typer.Option(defaults.THROUGHPUT_WARMUP, help="Untimed runs per scenario."),
+    repeats: int = typer.Option(
+        defaults.THROUGHPUT_REPEATS, help="Timed runs per scenario; tok/s is the best of them."
+    ),
+    backend: list[str] = typer.Option(
+        [],
+        "--backend",
+        help="pytorch: also time the PyTorch model (a PyTorch --reference, else the model the "
+        "export came from) in the same scenarios, side by side.",
+    ),
     provider: str = typer.Option(defaults.PROVIDER, help="auto, cuda or cpu."),
-    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
+    threads: int = typer.Option(
+        0, help="Intra-op threads of ONNX Runtime and of the PyTorch models (0: all cores)."
+    ),
     json_path: Path | None = typer.Option(
-        None, "--json", help="Also write the results to this JSON file."
+        None, "--json", help="Write the report as versioned JSON to this file."
+    ),
+    markdown_path: Path | None = typer.Option(
+        None,
+        "--markdown",
+        help="Write the report as Markdown (also appended to $GITHUB_STEP_SUMMARY when set).",
+    ),
+    plot_path: Path | None = typer.Option(
+        None,
+        "--plot",
+        help="Write a PNG: decode tok/s by batch size, perplexity with its interval.",
+    ),
+    baseline: Path | None = typer.Option(
+        None, "--baseline", help="An earlier --json report: exit 1 if a metric got worse."
+    ),
+    tolerance: list[str] = typer.Option(
+        [],
+        "--tolerance",
+        help=f"What --baseline lets pass: perplexity=PCT (and beyond sigmas=N standard errors), "
+        f"throughput=PCT [default: perplexity={100 * defaults.GATE_PERPLEXITY_TOLERANCE:g}%,"
+        f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%].",
+    ),
+    allow_pickle: bool = typer.Option(
+        False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
     ),
 ) -> None:
-    """Sliding-window perplexity of an export on a text file."""
+    """Perplexity, fidelity to a reference and throughput of an export, gated against a baseline.
+
+    Exit codes: 0 success (and nothing worse than --baseline beyond --tolerance); 1 a metric
+    regressed against --baseline; 2 bad input, or a baseline measured with another config
+    (data hash, protocol, window, dtype, throughput shapes).
+    """
     from rich.progress import Progress
 
     from llmtool.console import console, err_console
-    from llmtool.evaluate import evaluate_perplexity
-    from llmtool.reports import perplexity_table, write_json
-    from llmtool.runtime import SessionOptions
+    from llmtool.errors import RegressionError
+    from llmtool.eval_report import check_plot_path, rich_tables, write_reports
+    from llmtool.eval_run import EvalOptions, parse_backends, run_eval
+    from llmtool.gate import parse_tolerance
+    from llmtool.throughput import parse_sizes
 
+    check_plot_path(plot_path)
+    options = EvalOptions(
+        data=data,
+        protocol=protocol,
+        text_field=text_field,
+        max_length=max_length,
+        stride=stride,
+        reference=reference,
+        throughput=throughput,
+        batch_sizes=parse_sizes(batch_sizes, "--batch-sizes"),
+        prompt_lengths=parse_sizes(prompt_lengths, "--prompt-lengths"),
+        new_tokens=new_tokens,
+        warmup=warmup,
+        repeats=repeats,
+        backends=parse_backends(backend),
+        provider=provider,
+        threads=threads,
+        allow_pickle=allow_pickle,
+    )
     with Progress(console=err_console, transient=True) as progress:
-        task = progress.add_task("Scoring windows", total=None)
-        result = evaluate_perplexity(
+        task = progress.add_task("Starting", total=None)
+        report = run_eval(
             model_dir,
-            data,
-            max_length=max_length,
-            stride=stride,
-            provider=provider,
-            session_options=SessionOptions(intra_op_threads=threads),
-            on_window=lambda done, total: progress.update(task, completed=done, total=total),
+            options,
+            baseline=baseline,
+            tolerance=parse_tolerance(tolerance),
+            on_progress=lambda text, done, total: progress.update(
+                task, description=text, completed=done, total=total
+            ),
         )
-    record = result.to_dict()
-    console.print(perplexity_table(record, title=f"Perplexity of {model_dir.name} on {data.name}"))
-    if json_path is not None:
-        write_json(json_path, record)
-        err_console.print(f"[dim]Wrote {json_path}[/]")
+    for table in rich_tables(report.record):
+        console.print(table)
+    for path in write_reports(
+        report.record, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path
+    ):
+        err_console.print(f"[dim]Wrote {path}[/]")
+    if report.gate is not None and not report.gate.passed:
+        worse = [row.metric for row in report.gate.failed]
+        raise RegressionError(
+            f"{len(worse)} metric(s) worse than the baseline beyond tolerance: {', '.join(worse)}",
+            "see the table above, or widen --tolerance if the change is expected.",
+        )
+
+
+@app.command("train")
+@handle_errors
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="UTF-8 text file or directory of .txt files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Directory to create (or --resume)."),
+    arch: str | None = typer.Option(
+        None, help=f"llama, gpt2, lstm or rnn (default: {defaults.TRAIN_ARCH})."
+    ),
+    preset: str | None = typer.Option(
+        None, help=f"tiny (CPU), small or base (GPU) (default: {defaults.TRAIN_PRESET})."
+    ),
+    tokenizer: str | None = typer.Option(
+        None, help="bpe (train one on the data) or a tokenizer directory (default: bpe)."
+    ),
+    vocab_size: int | None = typer.Option(None, help="BPE vocabulary (default: the preset's)."),
+    steps: int | None = typer.Option(None, help="Optimizer steps (default: the preset's)."),
+    batch_size: int | None = typer.Option(None, help="Rows per micro-batch."),
+    grad_accum: int | None = typer.Option(None, help="Micro-batches per optimizer step."),
+    seq_len: int | None = typer.Option(None, help="Tokens per row (the Transformers' context)."),
+    lr: float | None = typer.Option(None, help="Peak learning rate."),
+    val_fraction: float | None = typer.Option(
+        None, help=f"Held-out tail of the tokens (default: {defaults.VAL_FRACTION})."
+    ),
+    seed: int | None = typer.Option(None, help=f"Seed (default: {defaults.SEED})."),
+    eval_every: int | None = typer.Option(None, help="Steps between validations."),
+    checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints."),
+    device: str = typer.Option(defaults.TRAIN_DEVICE, help="auto, cpu or cuda."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from the last checkpoint in --out."
+    ),
+    force: bool = typer.Option(False, "--force", help="Delete an existing --out and start over."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the final metrics as JSON on stdout."
+    ),
+) -> None:
+    """Train a small LM on your text; the result takes `llmtool export` unchanged.
+
+    Options not given come from the preset, or with --resume from the checkpoint.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    from llmtool.console import console, err_console
+    from llmtool.reports import train_table
+    from llmtool.train import TrainProgress, train_model
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn(
+            "loss {task.fields[loss]} · val ppl {task.fields[ppl]} · {task.fields[tps]} tok/s"
+        ),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("Preparing", total=None, loss="-", ppl="-", tps="-")
+
+        def on_stage(text: str) -> None:
+            progress.console.print(f"[dim]{text}[/]", markup=True, highlight=False)
+
+        def on_step(p: TrainProgress) -> None:
+            progress.update(
+                task,
+                description="Training",
+                completed=p.step,
+                total=p.steps,
+                loss=f"{p.loss:.3f}",
+                ppl=f"{p.val_perplexity:.1f}",
+                tps=f"{p.tokens_per_s:,.0f}",
+            )
+
+        try:
+            result = train_model(
+                data,
+                out,
+                arch=arch,
+                preset=preset,
+                tokenizer=tokenizer,
+                vocab_size=vocab_size,
+                steps=steps,
+                batch_size=batch_size,
+                grad_accum=grad_accum,
+                seq_len=seq_len,
+                lr=lr,
+                val_fraction=val_fraction,
+                seed=seed,
+                eval_every=eval_every,
+                checkpoint_every=checkpoint_every,
+                device=device,
+                resume=resume,
+                force=force,
+                on_stage=on_stage,
+                on_step=on_step,
+            )
+        except KeyboardInterrupt:
+            _fail(
+                f"Interrupted; continue from the last checkpoint with `--resume --out {out}`.", 130
+            )
+    if as_json:
+        _print_json(result.summary())
+        return
+    console.print(train_table(result.metrics))
 
 
 def main() -> None:

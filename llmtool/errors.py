@@ -37,3 +37,9 @@ class ValidationError(LlmtoolError):
     """An export whose ONNX graph does not match PyTorch within tolerance (exit code 1)."""
 
     exit_code = 1
+
+
+class RegressionError(LlmtoolError):
+    """A metric worse than its baseline beyond tolerance (``llmtool eval --baseline``; exit code 1)."""
+
+    exit_code = 1

@@ -1,9 +1,10 @@
-"""Text generation on an ONNX export: batched, left-padded, KV cache fed back step to step.
+"""Text generation on an ONNX export: batched prompts, KV cache fed back step to step.
 
-Structure follows the usual fast-generation split: :func:`prefill` runs the prompts once,
-:func:`decode_one_token` extends every row by one token, and :class:`~llmtool.sampling.Sampler`
-chooses tokens. Rows stop independently at EOS (the export's generation config, as
-transformers does); finished rows are fed the pad token until every row is done.
+The loop is the usual fast-generation split: a :class:`~llmtool.decoders.Decoder` prefills the
+prompts once and then extends every row by one token per step, and
+:class:`~llmtool.sampling.Sampler` chooses the tokens (greedy ones on the device for fused
+exports). Rows stop independently at EOS (the export's generation config, as transformers
+does); finished rows are fed the pad token until every row is done.
 """
 
 from __future__ import annotations
@@ -81,50 +82,6 @@ class GenerationResult:
         }
 
 
-@dataclass
-class Batch:
-    """Left-padded prompts: every row's last prompt token sits in the last column."""
-
-    input_ids: np.ndarray  # [B, L] int64
-    attention_mask: np.ndarray  # [B, L] int64
-    position_ids: np.ndarray  # [B, L] int64
-
-    @classmethod
-    def left_padded(cls, rows: Sequence[Sequence[int]], pad_id: int) -> Batch:
-        length = max(len(r) for r in rows)
-        ids = np.full((len(rows), length), pad_id, dtype=np.int64)
-        mask = np.zeros((len(rows), length), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, length - len(row) :] = row
-            mask[i, length - len(row) :] = 1
-        # Positions count real tokens only; padding gets position 0 (masked anyway).
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        return cls(ids, mask, positions)
-
-
-def prefill(model: OnnxCausalLM, batch: Batch) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Run the prompts; returns last-position logits [B, V] and the cache."""
-    logits, cache = model.forward(
-        batch.input_ids,
-        batch.attention_mask,
-        batch.position_ids,
-        model.empty_cache(len(batch.input_ids)),
-    )
-    return logits[:, -1, :], cache
-
-
-def decode_one_token(
-    model: OnnxCausalLM,
-    tokens: np.ndarray,
-    attention_mask: np.ndarray,
-    positions: np.ndarray,
-    cache: dict[str, np.ndarray],
-) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-    """Feed one token per row ([B]); returns logits [B, V] and the extended cache."""
-    logits, cache = model.forward(tokens[:, None], attention_mask, positions[:, None], cache)
-    return logits[:, -1, :], cache
-
-
 class _Detokenizer:
     """Incremental detokenization: emits only complete new text (no half UTF-8 characters)."""
 
@@ -146,20 +103,39 @@ class _Detokenizer:
         return delta
 
 
+CACHE_GRANULE = 64
+
+
+def cache_length(model: OnnxCausalLM, needed: int) -> int:
+    """Cache length for ``needed`` tokens, rounded up so decoders (and CUDA graphs) are reused."""
+    length = -(-needed // CACHE_GRANULE) * CACHE_GRANULE
+    return min(length, model.max_positions) if model.max_positions else length
+
+
+Prompt = str | Sequence[int]
+
+
 def tokenize_prompts(
-    model: OnnxCausalLM, prompts: Sequence[str], max_new_tokens: int
+    model: OnnxCausalLM, prompts: Sequence[Prompt], max_new_tokens: int
 ) -> list[list[int]]:
-    """Token ids of each prompt, checked against the model's context length."""
+    """Token ids of each prompt (text is tokenized, id lists pass through), checked against the context."""
     if not prompts:
         raise UsageError("No prompt given", "pass --prompt TEXT or --prompt-file FILE.")
     rows = []
     for prompt in prompts:
-        if not prompt.strip():
-            raise UsageError("A prompt is empty", "give every --prompt some text.")
-        ids = model.tokenizer(prompt)["input_ids"]
+        if isinstance(prompt, str):
+            if not prompt.strip():
+                raise UsageError("A prompt is empty", "give every --prompt some text.")
+            ids = list(model.tokenizer(prompt)["input_ids"])
+        else:
+            ids = [int(t) for t in prompt]
         if not ids:
             raise UsageError(
-                f"The prompt {prompt[:40]!r} encodes to no tokens", "give it some text."
+                f"The prompt {str(prompt)[:40]!r} encodes to no tokens", "give it some text."
+            )
+        if max(ids) >= model.vocab_size or min(ids) < 0:
+            raise UsageError(
+                f"A prompt holds token ids outside the vocabulary of {model.vocab_size}"
             )
         if model.max_positions and len(ids) + max_new_tokens > model.max_positions:
             raise UsageError(
@@ -167,30 +143,32 @@ def tokenize_prompts(
                 f"context of {model.max_positions} tokens",
                 "shorten the prompt or lower --max-new-tokens.",
             )
-        rows.append(list(ids))
+        rows.append(ids)
     return rows
 
 
 def generate(
     model: OnnxCausalLM | str | Path,
-    prompts: Sequence[str],
+    prompts: Sequence[Prompt],
     *,
     max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     sampling: SamplingConfig | None = None,
     provider: str = defaults.PROVIDER,
     on_text: TextCallback | None = None,
     session_options: SessionOptions | None = None,
+    stop_at_eos: bool = True,
 ) -> GenerationResult:
     """Generate a continuation for each prompt, batched.
 
     Args:
         model: An :class:`OnnxCausalLM` or an export directory.
-        prompts: Prompt texts; all run as one left-padded batch.
+        prompts: Prompt texts (or token id lists); all run as one batch.
         max_new_tokens: Upper bound on tokens generated per prompt (>= 1).
         sampling: Token choice; greedy by default.
         provider: ``auto``, ``cuda`` or ``cpu`` (used when ``model`` is a directory).
         on_text: Called as ``on_text(row, new_text)`` whenever a row's text grows (streaming).
         session_options: ONNX Runtime settings (used when ``model`` is a directory).
+        stop_at_eos: Stop rows at EOS; ``False`` always generates ``max_new_tokens`` (benchmarks).
 
     Returns:
         The texts, token ids and timing.
@@ -206,25 +184,18 @@ def generate(
         model = OnnxCausalLM(model, provider, options=session_options)
     tokenizer = model.tokenizer
     rows = tokenize_prompts(model, prompts, max_new_tokens)
-    eos = np.array(model.eos_token_ids(), dtype=np.int64)
-    pad_id = (
-        tokenizer.pad_token_id
-        if tokenizer.pad_token_id is not None
-        else (int(eos[0]) if eos.size else 0)
-    )
-    batch = Batch.left_padded(rows, pad_id)
+    eos = np.array(model.eos_token_ids() if stop_at_eos else [], dtype=np.int64)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     n = len(rows)
+    decoder = model.decoder(n, cache_length(model, max(len(r) for r in rows) + max_new_tokens))
 
     start = time.perf_counter()
-    logits, cache = prefill(model, batch)
-    tokens = sampler(logits)
+    tokens = sampler.choose(decoder.prefill(rows))
     prefill_s = time.perf_counter() - start
 
     generated: list[list[int]] = [[] for _ in range(n)]
     finished = np.zeros(n, dtype=bool)
     detok = [_Detokenizer(tokenizer) for _ in range(n)]
-    mask = batch.attention_mask
-    positions = batch.position_ids[:, -1]
     decode_tokens = 0
     decode_start = time.perf_counter()
     for step in range(max_new_tokens):
@@ -240,10 +211,7 @@ def generate(
         finished |= np.isin(tokens, eos)
         if finished.all() or step == max_new_tokens - 1:
             break
-        mask = np.concatenate([mask, np.ones((n, 1), dtype=np.int64)], axis=1)
-        positions = positions + 1
-        logits, cache = decode_one_token(model, tokens, mask, positions, cache)
-        tokens = sampler(logits)
+        tokens = sampler.choose(decoder.step(tokens))
     decode_s = time.perf_counter() - decode_start
 
     outputs = []
@@ -254,7 +222,7 @@ def generate(
             on_text(row, rest)
         outputs.append(
             GeneratedText(
-                prompt=prompt,
+                prompt=prompt if isinstance(prompt, str) else tokenizer.decode(list(prompt)),
                 text=text,
                 token_ids=ids,
                 new_tokens=len(ids),
@@ -266,6 +234,6 @@ def generate(
         decode_s=decode_s,
         decode_tokens=decode_tokens,
         decode_tokens_per_s=decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
-        prompt_tokens=int(batch.attention_mask.sum()),
+        prompt_tokens=sum(len(r) for r in rows),
     )
     return GenerationResult(model.provider, outputs, timing, sampling)

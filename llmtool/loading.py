@@ -13,6 +13,7 @@ Nothing is ever fetched from a hub and ``trust_remote_code`` is never enabled.
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
@@ -134,6 +135,13 @@ def _quiet_transformers() -> None:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    try:  # the GGUF reader uses plain tqdm, which the switch above does not reach
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+
+        if not isinstance(gguf_utils.tqdm, functools.partial):
+            gguf_utils.tqdm = functools.partial(gguf_utils.tqdm, disable=True)
+    except (ImportError, AttributeError):
+        pass
 
 
 def _dtype_kwarg(dtype: torch.dtype) -> dict[str, Any]:
@@ -168,6 +176,12 @@ def read_config(spec: ModelSpec) -> Any:
     """Load the model config of a spec without its weights."""
     from transformers import AutoConfig
 
+    if spec.kind == "hf_dir":
+        # llmtool's own recurrent models are unknown to AutoConfig.
+        from llmtool.train.recurrent_config import MODEL_TYPES, RecurrentConfig, read_model_type
+
+        if read_model_type(spec.path) in MODEL_TYPES:
+            return RecurrentConfig.from_pretrained(spec.path)
     try:
         if spec.kind == "gguf":
             return AutoConfig.from_pretrained(spec.path, gguf_file=spec.gguf_file)
@@ -184,6 +198,18 @@ def clean_config(config: Any) -> Any:
     return config
 
 
+def _tokenizer_kwargs(spec: ModelSpec) -> dict[str, Any]:
+    # AutoTokenizer reads config.json, and warns when AutoConfig does not know its model_type, as
+    # for llmtool's recurrent models; their tokenizer files name the tokenizer class themselves.
+    from llmtool.train.recurrent_config import MODEL_TYPES, read_model_type
+
+    if spec.kind == "hf_dir" and read_model_type(spec.path) in MODEL_TYPES:
+        from transformers import PretrainedConfig
+
+        return {"config": PretrainedConfig()}
+    return {}
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
     """Load the tokenizer of a spec, setting ``pad_token`` to EOS when it has none."""
     from transformers import AutoTokenizer
@@ -192,7 +218,9 @@ def load_tokenizer(spec: ModelSpec) -> Any:
         if spec.kind == "gguf":
             tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
         else:
-            tok = AutoTokenizer.from_pretrained(spec.path, trust_remote_code=False)
+            tok = AutoTokenizer.from_pretrained(
+                spec.path, trust_remote_code=False, **_tokenizer_kwargs(spec)
+            )
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise UsageError(
             f"Cannot load a tokenizer from {spec.display} ({str(e).splitlines()[0]})",
@@ -231,6 +259,10 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
 
     check_supported(config)
     tokenizer = load_tokenizer(spec)
+    from llmtool.train.recurrent_config import RecurrentConfig
+
+    if isinstance(config, RecurrentConfig):
+        return _load_recurrent(spec, tokenizer)
     kwargs: dict[str, Any] = dict(_dtype_kwarg(torch.float32), attn_implementation="eager")
     try:
         if spec.kind == "gguf":
@@ -259,6 +291,26 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
         generation_config = GenerationConfig.from_model_config(model.config)
     _check_vocab(model.config, tokenizer, spec)
     return LoadedModel(model, tokenizer, clean_config(model.config), generation_config, spec)
+
+
+def _load_recurrent(spec: ModelSpec, tokenizer: Any) -> LoadedModel:
+    """An LSTM / RNN directory written by ``llmtool train`` (safetensors only)."""
+    from transformers import GenerationConfig
+
+    from llmtool.train.recurrent import RecurrentLM
+
+    model = RecurrentLM.from_pretrained(spec.path)
+    config = model.config
+    try:
+        generation_config = GenerationConfig.from_pretrained(spec.path)
+    except OSError:
+        generation_config = GenerationConfig(
+            bos_token_id=config.bos_token_id,
+            eos_token_id=config.eos_token_id,
+            pad_token_id=config.pad_token_id,
+        )
+    _check_vocab(config, tokenizer, spec)
+    return LoadedModel(model, tokenizer, config, generation_config, spec)
 
 
 def _check_vocab(config: Any, tokenizer: Any, spec: ModelSpec) -> None:

@@ -10,7 +10,7 @@ is never scored. Unlike the guide's loop (which weights each window's mean loss 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +86,28 @@ class NllTotals:
         return math.exp(self.mean_nll)
 
 
+def scored_windows(
+    logits_fn: LogitsFn,
+    token_ids: np.ndarray,
+    max_length: int,
+    stride: int,
+    on_window: Callable[[int, int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield, window by window, the logits that score new tokens and those tokens.
+
+    Yields:
+        logits [n, V] float32 (position t - 1 for each target t) and targets [n] int64.
+    """
+    windows = plan_windows(len(token_ids), max_length, stride)
+    for i, w in enumerate(windows):
+        logits = logits_fn(token_ids[w.begin : w.end][None, :])[0]
+        # Target t is predicted at position t - 1 (window-relative indices).
+        first, last = w.score_from - w.begin, w.end - w.begin
+        yield logits[first - 1 : last - 1], token_ids[w.score_from : w.end]
+        if on_window is not None:
+            on_window(i + 1, len(windows))
+
+
 def sliding_window_nll(
     logits_fn: LogitsFn,
     token_ids: np.ndarray,
@@ -102,17 +124,11 @@ def sliding_window_nll(
         stride: Step between window starts.
         on_window: Progress callback ``(done, total)``.
     """
-    windows = plan_windows(len(token_ids), max_length, stride)
     total = 0.0
     count = 0
-    for i, w in enumerate(windows):
-        ids = token_ids[w.begin : w.end][None, :]
-        logits = logits_fn(ids)[0]
-        # Target t is predicted at position t - 1 (window-relative indices).
-        first, last = w.score_from - w.begin, w.end - w.begin
-        nll = token_nll(logits[first - 1 : last - 1], token_ids[w.score_from : w.end])
-        total += float(nll.sum())
-        count += w.scored
-        if on_window is not None:
-            on_window(i + 1, len(windows))
-    return NllTotals(total, count, len(windows))
+    windows = 0
+    for logits, targets in scored_windows(logits_fn, token_ids, max_length, stride, on_window):
+        total += float(token_nll(logits, targets).sum())
+        count += len(targets)
+        windows += 1
+    return NllTotals(total, count, windows)

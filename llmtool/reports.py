@@ -49,6 +49,21 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
         "all",
         ok if v["greedy_match"] else bad,
     )
+    if "fidelity" in manifest:
+        f = manifest["fidelity"]
+        table.add_row(
+            f"{manifest['quantization']['mode']} ΔPPL vs fp32",
+            f"{100 * f['relative_delta_perplexity']:+.2f}%",
+            f"{100 * f['max_relative_delta_perplexity']:g}%",
+            ok if f["passed"] else bad,
+        )
+        table.add_row(
+            "KL divergence mean / p99 (nats)",
+            f"{f['kl_divergence']['mean']:.4f} / {f['kl_divergence']['p99']:.4f}",
+            "",
+            "",
+        )
+        table.add_row("top-1 agreement with fp32", f"{100 * f['top1_agreement']:.2f}%", "", "")
     table.caption = (
         f"{manifest['parameters'] / 1e6:.1f}M parameters · {manifest['dtype']} · opset {manifest['opset']} · "
         f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} left-padded"
@@ -84,5 +99,25 @@ def generation_table(result: dict[str, Any]) -> Table:
     table.caption = (
         f"{result['provider']} · time to first token {timing['prefill_s'] * 1000:.0f} ms · "
         f"decode {timing['decode_tokens_per_s']:.1f} tok/s"
+    )
+    return table
+
+
+def train_table(metrics: dict[str, Any]) -> Table:
+    """The result of ``llmtool train``: sizes, perplexity before and after, throughput."""
+    table = Table(title=f"Trained {metrics['arch']} ({metrics['preset']}) → {metrics['out']}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    table.add_row("parameters", f"{metrics['parameters']:,}")
+    table.add_row("steps", f"{metrics['steps']:,}")
+    table.add_row(
+        "tokens (train / val)", f"{metrics['tokens']['train']:,} / {metrics['tokens']['val']:,}"
+    )
+    table.add_row("val perplexity at step 0", _fmt(metrics["initial_val_perplexity"], 5))
+    table.add_row("val perplexity at the end", _fmt(metrics["final_val_perplexity"], 5))
+    table.add_row("training tokens/s", f"{metrics['tokens_per_s']:,.0f}")
+    table.caption = (
+        f"{metrics['machine']['device']} · {metrics['wall_seconds']:.0f} s wall · "
+        f"export it with `llmtool export {metrics['out']} --out DIR`"
     )
     return table

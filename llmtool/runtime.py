@@ -7,6 +7,7 @@ to know whether the cache is attention keys/values or a recurrent state.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import json
@@ -54,14 +55,19 @@ class SessionOptions:
     Attributes:
         intra_op_threads: Threads inside one operator; 0 lets ORT use every physical core.
         graph_optimization: ``all``, ``extended``, ``basic`` or ``disable``.
+        cuda_graph: Capture decode steps of fused exports as CUDA graphs (CUDA only).
     """
 
     intra_op_threads: int = 0
     graph_optimization: str = "all"
+    cuda_graph: bool = True
 
 
 def create_session(
-    model_path: Path, provider: str = defaults.PROVIDER, options: SessionOptions | None = None
+    model_path: Path,
+    provider: str = defaults.PROVIDER,
+    options: SessionOptions | None = None,
+    cuda_options: dict[str, str] | None = None,
 ) -> tuple[Any, str]:
     """Create an inference session on the requested provider.
 
@@ -69,6 +75,7 @@ def create_session(
         model_path: The .onnx file.
         provider: ``auto`` (CUDA when a GPU is usable, else CPU), ``cuda`` or ``cpu``.
         options: Session settings.
+        cuda_options: CUDA execution provider options (e.g. ``enable_cuda_graph``).
 
     Returns:
         The session and the provider it really runs on (``cuda`` or ``cpu``).
@@ -95,13 +102,19 @@ def create_session(
             "The CUDA execution provider is not usable here (no GPU, driver or onnxruntime-gpu)",
             "run with --provider cpu, or install onnxruntime-gpu on a machine with an NVIDIA GPU.",
         )
+    if want_cuda and hasattr(ort, "preload_dlls"):
+        # Lets onnxruntime-gpu find the CUDA and cuDNN libraries that pip-installed torch brings.
+        with contextlib.suppress(Exception):
+            ort.preload_dlls(cuda=True, cudnn=True, msvc=False)
     try:
         if want_cuda:
             so.log_severity_level = (
                 3  # ORT only warns when it falls back; we check providers below.
             )
             session = ort.InferenceSession(
-                str(model_path), so, providers=["CUDAExecutionProvider", "CPUExecutionProvider"]
+                str(model_path),
+                so,
+                providers=[("CUDAExecutionProvider", cuda_options or {}), "CPUExecutionProvider"],
             )
             if session.get_providers()[0] == "CUDAExecutionProvider":
                 return session, "cuda"
@@ -147,15 +160,52 @@ class OnnxCausalLM:
             )
         self.manifest = read_manifest(self.directory)
         verify_files(self.directory, self.manifest, hashes=verify)
+        self.layout: str = self.manifest.get("layout", "standard")
+        self.options = options or SessionOptions()
+        # CUDA graphs need the fused layout's fixed-shape decode step.
+        self.cuda_graph = self.layout == "fused" and self.options.cuda_graph
+        cuda_options = {"enable_cuda_graph": "1"} if self.cuda_graph else None
         self.session, self.provider = create_session(
-            self.directory / self.manifest["model_file"], provider, options
+            self.directory / self.manifest["model_file"], provider, self.options, cuda_options
         )
+        self.cuda_graph = self.cuda_graph and self.provider == "cuda"
+        self.run_options = self.graph_run_options(-1)
         self.cache_entries: list[dict[str, Any]] = self.manifest["cache"]
         self.input_names = {i.name for i in self.session.get_inputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.max_positions: int | None = self.manifest.get("max_positions")
         self.vocab_size: int = self.manifest["vocab_size"]
         self._tokenizer: Any = None
+        self._decoders: dict[tuple[int, int], Any] = {}
+        self._next_graph_id = 1
+
+    def graph_run_options(self, graph_id: int) -> Any:
+        """RunOptions naming a CUDA graph (-1: run without capturing or replaying one)."""
+        import onnxruntime as ort
+
+        ro = ort.RunOptions()
+        if self.cuda_graph:
+            ro.add_run_config_entry("gpu_graph_id", str(graph_id))
+        return ro
+
+    def new_graph_id(self) -> int:
+        graph_id, self._next_graph_id = self._next_graph_id, self._next_graph_id + 1
+        return graph_id
+
+    def decoder(self, batch: int, max_length: int) -> Any:
+        """A :class:`~llmtool.decoders.Decoder` for ``batch`` rows of up to ``max_length`` tokens.
+
+        Fused exports get preallocated buffers (and a captured CUDA graph), reused across calls
+        with the same shape; standard exports get a left-padding decoder over :meth:`forward`.
+        """
+        from llmtool.decoders import FusedDecoder, StandardDecoder
+
+        if self.layout != "fused":
+            return StandardDecoder(self, batch)
+        key = (batch, max_length)
+        if key not in self._decoders:
+            self._decoders[key] = FusedDecoder(self, batch, max_length)
+        return self._decoders[key]
 
     @property
     def tokenizer(self) -> Any:
@@ -195,6 +245,13 @@ class OnnxCausalLM:
             cache[entry["input"]] = np.zeros(shape, dtype=NP_DTYPES[entry["dtype"]])
         return cache
 
+    def window_logits(self, input_ids: np.ndarray) -> np.ndarray:
+        """Logits [1, L, V] of one unpadded row [1, L] with no past (perplexity windows)."""
+        length = input_ids.shape[1]
+        mask = np.ones((1, length), dtype=np.int64)
+        positions = np.arange(length, dtype=np.int64)[None, :]
+        return self.forward(input_ids, mask, positions, self.empty_cache(1))[0]
+
     def forward(
         self,
         input_ids: np.ndarray,
@@ -204,9 +261,12 @@ class OnnxCausalLM:
     ) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run one step.
 
+        The cache grows by ``sequence`` each call. Standard exports take left padding; fused
+        exports take right padding (see :mod:`llmtool.export.fused`).
+
         Args:
             input_ids: [batch, sequence] int64, the new tokens.
-            attention_mask: [batch, past + sequence] int64, 0 on left padding.
+            attention_mask: [batch, past + sequence] int64, 0 on padding.
             position_ids: [batch, sequence] int64.
             cache: The cache returned by the previous call (or :meth:`empty_cache`).
 
@@ -220,8 +280,7 @@ class OnnxCausalLM:
         }
         feeds = {k: v for k, v in feeds.items() if k in self.input_names}
         feeds.update(cache)
-        outputs = dict(
-            zip(self.output_names, self.session.run(self.output_names, feeds), strict=True)
-        )
+        names = ["logits", *[entry["output"] for entry in self.cache_entries]]
+        outputs = dict(zip(names, self.session.run(names, feeds, self.run_options), strict=True))
         new_cache = {entry["input"]: outputs[entry["output"]] for entry in self.cache_entries}
         return outputs["logits"], new_cache

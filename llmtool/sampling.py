@@ -7,6 +7,7 @@ run is reproducible and comparable to ``model.generate``'s semantics.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -59,6 +60,12 @@ class Sampler:
         config.validate()
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+
+    def choose(self, step: Any) -> np.ndarray:
+        """Tokens for a :class:`~llmtool.decoders.Step`: greedy reads only the argmax."""
+        if self.config.strategy == "greedy":
+            return step.argmax()
+        return self(step.logits())
 
     def __call__(self, logits: np.ndarray) -> np.ndarray:
         """Return [batch] int64 token ids for [batch, vocab] logits."""

@@ -57,6 +57,11 @@ def export_model(
     *,
     dtype: str = defaults.EXPORT_DTYPE,
     opset: int = defaults.OPSET,
+    fused: bool = False,
+    quantize: str | None = None,
+    block_size: int = defaults.QUANT_BLOCK_SIZE,
+    symmetric: bool = True,
+    calibration: str | Path | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
@@ -68,6 +73,15 @@ def export_model(
         out: The directory to create.
         dtype: ``fp32`` or ``fp16`` weights, activations and cache.
         opset: ONNX opset.
+        fused: Emit ONNX Runtime's fused ops (GroupQueryAttention, SkipSimplifiedLayerNorm) with
+            right padding and an in-place KV cache: the fast path for ``generate`` (CUDA needs
+            ``dtype="fp16"``). See :mod:`llmtool.export.fused`.
+        quantize: ``int8`` (dynamic) or ``int4`` (weight-only, blockwise) weights; the export
+            then records and gates its fidelity to the fp32 graph on ``calibration``.
+        block_size: int4 block length.
+        symmetric: int4 without zero points.
+        calibration: Text for the fidelity check of a quantized export (default: the text
+            shipped with llmtool).
         force: Replace an existing ``out``.
         allow_pickle: Accept pickle weights (``pytorch_model.bin``).
         on_stage: Called with a short description as each stage starts.
@@ -79,7 +93,9 @@ def export_model(
         UsageError: Bad input; nothing is written.
         ValidationError: The graph does not match PyTorch; nothing is written.
     """
-    from llmtool.export.builders import build_graph
+    from llmtool.evaluate import read_text
+    from llmtool.export.builders import GraphOptions, build_graph
+    from llmtool.export.quantize import check_quantize_options, quantize_export
     from llmtool.export.validate import validate_export
     from llmtool.fsutil import atomic_directory, check_output_dir
     from llmtool.loading import load_model, resolve_spec
@@ -91,6 +107,10 @@ def export_model(
             on_stage(text)
 
     _check_options(dtype, opset)
+    check_quantize_options(quantize, block_size)
+    if quantize and dtype != "fp32":
+        raise UsageError("--quantize starts from fp32 weights", "drop --dtype or use --dtype fp32.")
+    calibration_text = read_text(calibration or defaults.SAMPLE_TEXT) if quantize else None
     out = Path(out)
     spec = resolve_spec(model)
     if spec.kind == "onnx_dir":
@@ -107,7 +127,9 @@ def export_model(
 
     stage("Building the ONNX graph")
     t = time.perf_counter()
-    built = build_graph(loaded.model, dtype, opset)
+    built = build_graph(
+        loaded.model, dtype, opset, GraphOptions(fused=fused, head_matmul=quantize is not None)
+    )
     graph, io, meta = built.graph, built.io, built.meta
     del built
     n_params = sum(p.numel() for p in loaded.model.parameters())
@@ -129,7 +151,8 @@ def export_model(
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"spec": spec.source, "kind": spec.kind, "path": spec.display},
             **meta,
-            "graph": "kv-cache",
+            "layout": io.layout,
+            "padding": "right" if io.layout == "fused" else "left",
             "dtype": dtype,
             "opset": opset,
             "model_file": MODEL_FILE,
@@ -147,7 +170,6 @@ def export_model(
         t = time.perf_counter()
         session = OnnxCausalLM(tmp, "cpu", verify=False)
         report = validate_export(session, loaded.model, loaded.tokenizer, dtype)
-        del session
         seconds["validate"] = time.perf_counter() - t
         manifest["validation"] = report.to_dict()
         if not report.passed:
@@ -155,5 +177,31 @@ def export_model(
                 f"Export validation failed: {report.failure_reason()}; nothing was written",
                 "report this model as a bug, with the figures above.",
             )
+        if quantize:
+            assert calibration_text is not None
+            stage(f"Quantizing to {quantize} and measuring its fidelity")
+            t = time.perf_counter()
+            manifest.update(
+                quantize_export(
+                    tmp,
+                    session,
+                    quantize,
+                    calibration_text,
+                    calibration=str(calibration or "llmtool/data/sample.txt"),
+                    block_size=block_size,
+                    symmetric=symmetric,
+                )
+            )
+            manifest["files"] = {MODEL_FILE: file_record(tmp / MODEL_FILE)}
+            seconds["quantize"] = time.perf_counter() - t
+            if not manifest["fidelity"]["passed"]:
+                f = manifest["fidelity"]
+                raise ValidationError(
+                    f"The {quantize} export drifts too far from fp32: ΔPPL "
+                    f"{100 * f['relative_delta_perplexity']:+.2f}% exceeds "
+                    f"{100 * f['max_relative_delta_perplexity']:.1f}%; nothing was written",
+                    "try --quantize int8, a smaller --block-size, or --no-symmetric.",
+                )
+        del session
         write_manifest(tmp, manifest)
     return ExportResult(out.resolve(), manifest, seconds)

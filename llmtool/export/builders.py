@@ -33,16 +33,31 @@ class BuiltGraph:
     meta: dict[str, Any]
 
 
-Builder = Callable[[Any, str, int], BuiltGraph]
+@dataclass(frozen=True)
+class GraphOptions:
+    """Variants of a graph.
+
+    Attributes:
+        fused: ONNX Runtime's contrib-op layout (see :mod:`llmtool.export.fused`).
+        head_matmul: The LM head as its own [hidden, vocab] MatMul, so quantizers reach it.
+    """
+
+    fused: bool = False
+    head_matmul: bool = False
 
 
-def build_transformer(model: Any, dtype: str, opset: int) -> BuiltGraph:
+Builder = Callable[[Any, str, int, GraphOptions], BuiltGraph]
+
+
+def build_transformer(model: Any, dtype: str, opset: int, options: GraphOptions) -> BuiltGraph:
     """GPT-2 and Llama-family models through the neutral decoder description."""
     from llmtool.export.architectures import extract
     from llmtool.export.decoder import build_decoder_graph
+    from llmtool.export.fused import build_fused_graph
 
     w = extract(model)
-    graph, io = build_decoder_graph(w, dtype, opset)
+    build = build_fused_graph if options.fused else build_decoder_graph
+    graph, io = build(w, dtype, opset, options.head_matmul)
     meta = {
         "architecture": w.arch,
         "model_type": w.model_type,
@@ -57,12 +72,24 @@ def build_transformer(model: Any, dtype: str, opset: int) -> BuiltGraph:
     return BuiltGraph(graph, io, meta)
 
 
+def build_recurrent(model: Any, dtype: str, opset: int, options: GraphOptions) -> BuiltGraph:
+    """LSTM and Elman RNN models from ``llmtool train``: the recurrent state is the cache."""
+    from llmtool.export.recurrent import build_recurrent_graph
+
+    return build_recurrent_graph(model, dtype, opset)
+
+
 BUILDERS: dict[str, Builder] = {
     "llama": build_transformer,
     "mistral": build_transformer,
     "qwen2": build_transformer,
     "gpt2": build_transformer,
+    # llmtool.train.recurrent_config.LSTM_TYPE / RNN_TYPE.
+    "llmtool_lstm": build_recurrent,
+    "llmtool_rnn": build_recurrent,
 }
+# Model types with a fused graph (``export --fused``).
+FUSED_TYPES = frozenset({"llama", "mistral", "qwen2", "gpt2"})
 
 
 def supported_model_types() -> list[str]:
@@ -80,7 +107,16 @@ def check_supported(config: Any) -> None:
         )
 
 
-def build_graph(model: Any, dtype: str, opset: int) -> BuiltGraph:
+def build_graph(
+    model: Any, dtype: str, opset: int, options: GraphOptions | None = None
+) -> BuiltGraph:
     """Build the ONNX graph for a loaded PyTorch model."""
+    options = options or GraphOptions()
     check_supported(model.config)
-    return BUILDERS[model.config.model_type](model, dtype, opset)
+    model_type = model.config.model_type
+    if options.fused and model_type not in FUSED_TYPES:
+        raise UsageError(
+            f"--fused is not available for '{model_type}'",
+            f"it supports {', '.join(sorted(FUSED_TYPES))}; export without --fused.",
+        )
+    return BUILDERS[model_type](model, dtype, opset, options)

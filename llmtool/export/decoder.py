@@ -36,6 +36,7 @@ class GraphIO:
     inputs: list[str]
     outputs: list[str]
     cache: list[dict[str, Any]]
+    layout: str = "standard"  # "standard": left padding, growing cache; "fused": see fused.py
 
 
 def cache_entries(
@@ -58,8 +59,12 @@ def cache_entries(
 
 
 class _DecoderGraph:
-    def __init__(self, w: DecoderWeights, dtype: str, opset: int) -> None:
+    def __init__(
+        self, w: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+    ) -> None:
         self.w = w
+        # A separate [E, V] MatMul head (instead of Gemm on the embedding), so quantizers see it.
+        self.head_matmul = head_matmul
         self.dtype = dtype
         self.np_float, self.onnx_float = FLOAT_TYPES[dtype]
         self.g = GraphBuilder(opset, name=f"llmtool_{w.model_type}")
@@ -128,16 +133,42 @@ class _DecoderGraph:
         g.add_input("input_ids", TensorProto.INT64, ["batch", "sequence"])
         g.add_input("attention_mask", TensorProto.INT64, ["batch", "total_sequence"])
         g.add_input("position_ids", TensorProto.INT64, ["batch", "sequence"])
-        cache = cache_entries(w.num_layers, w.num_kv_heads, w.head_dim, self.dtype)
+        cache = self.cache_entries()
         for entry in cache:
             g.add_input(entry["input"], self.onnx_float, entry["shape"])
-
         with g.scope("embed"):
             embed = self.weight("embed_tokens.weight", w.embed)
             h = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, E]
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
                 h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
+        h = self.decoder_layers(h)  # final norm applied
+        with g.scope("head"):
+            logits = self.lm_head(h, embed)
+        g.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", w.vocab_size])
+        outputs = ["logits", *self.extra_outputs(logits), *[c["output"] for c in cache]]
+        io = GraphIO(
+            inputs=["input_ids", "attention_mask", "position_ids", *[c["input"] for c in cache]],
+            outputs=outputs,
+            cache=cache,
+            layout=self.layout,
+        )
+        order = {name: i for i, name in enumerate(io.outputs)}
+        g.outputs.sort(key=lambda value: order[value.name])
+        return g, io
+
+    layout = "standard"
+
+    def cache_entries(self) -> list[dict[str, Any]]:
+        w = self.w
+        return cache_entries(w.num_layers, w.num_kv_heads, w.head_dim, self.dtype)
+
+    def extra_outputs(self, logits: str) -> list[str]:
+        """Outputs besides logits and the cache (none in the standard layout)."""
+        return []
+
+    def decoder_layers(self, h: str) -> str:
+        g, w = self.g, self.w
         with g.scope("mask"):
             bias = self.attention_bias()
         rope = None
@@ -154,25 +185,27 @@ class _DecoderGraph:
             with g.scope(f"layers.{i}"):
                 h = self.layer(i, layer, h, bias, rope)
         with g.scope("head"):
-            h = self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
-            table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
-            head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
-            # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
-            flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
-            logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
-            out_shape = g.op(
-                "Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0
-            )
-            logits = self.to_float32(g.op("Reshape", [logits, out_shape]))
-        g.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", w.vocab_size])
-        io = GraphIO(
-            inputs=["input_ids", "attention_mask", "position_ids", *[c["input"] for c in cache]],
-            outputs=["logits", *[c["output"] for c in cache]],
-            cache=cache,
-        )
-        order = {name: i for i, name in enumerate(io.outputs)}
-        g.outputs.sort(key=lambda value: order[value.name])
-        return g, io
+            return self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
+
+    def lm_head(self, h: str, embed: str) -> str:
+        """[B, S, E] normalized hidden states to float32 logits [B, S, V]."""
+        g, w = self.g, self.w
+        head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
+        if self.head_matmul:
+            table_t = np.ascontiguousarray((w.lm_head if w.lm_head is not None else w.embed).T)
+            logits = self.linear(h, self.weight("lm_head.weight_t", table_t), head_b)  # [B, S, V]
+            if self.dtype == "fp32":
+                return g.op("Identity", [logits], names=["logits"])
+            return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
+        table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
+        # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
+        flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
+        logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
+        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
+        if self.dtype == "fp32":
+            return g.op("Reshape", [logits, out_shape], names=["logits"])
+        logits = g.op("Reshape", [logits, out_shape])
+        return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
 
     def attention_bias(self) -> str:
         """Additive float32 mask [B, 1, S, T]: 0 where a query may attend, a huge negative elsewhere."""
@@ -212,8 +245,9 @@ class _DecoderGraph:
         )
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
-        k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2)  # [B, KVH, T, D]
-        v = g.op("Concat", [f"past_key_values.{i}.value", v], axis=2)
+        # [B, KVH, T, D], written straight into the graph outputs.
+        k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2, names=[f"present.{i}.key"])
+        v = g.op("Concat", [f"past_key_values.{i}.value", v], axis=2, names=[f"present.{i}.value"])
         g.add_output(
             k, f"present.{i}.key", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
         )
@@ -276,7 +310,7 @@ class _DecoderGraph:
 
 
 def build_decoder_graph(
-    weights: DecoderWeights, dtype: str, opset: int
+    weights: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
 ) -> tuple[GraphBuilder, GraphIO]:
     """Build the KV-cache decoder graph for ``weights``.
 
@@ -284,5 +318,6 @@ def build_decoder_graph(
         weights: The model in neutral form (see :mod:`llmtool.export.architectures`).
         dtype: ``fp32`` or ``fp16`` for weights, activations and cache.
         opset: ONNX default-domain opset (17 or newer).
+        head_matmul: Emit the LM head as its own [E, V] MatMul (for quantization).
     """
-    return _DecoderGraph(weights, dtype, opset).build()
+    return _DecoderGraph(weights, dtype, opset, head_matmul).build()

@@ -100,11 +100,16 @@ class GraphBuilder:
         outputs: int = 1,
         domain: str = "",
         name: str | None = None,
+        names: Sequence[str] | None = None,
         **attrs: Any,
     ) -> Any:
-        """Append a node; returns its output name, or a list of names when ``outputs > 1``."""
+        """Append a node; returns its output name, or a list of names when it has several.
+
+        ``names`` gives the outputs explicit names (graph outputs, or "" for an unused optional
+        output); otherwise they are derived from the node name.
+        """
         node_name = self._fresh(name or op_type)
-        outs = [f"{node_name}/out{i}" for i in range(outputs)]
+        outs = list(names) if names is not None else [f"{node_name}/out{i}" for i in range(outputs)]
         if domain:
             self.domains.setdefault(domain, 1)
         self.nodes.append(
@@ -112,7 +117,7 @@ class GraphBuilder:
                 op_type, list(inputs), outs, name=node_name, domain=domain or None, **attrs
             )
         )
-        return outs[0] if outputs == 1 else outs
+        return outs[0] if len(outs) == 1 else outs
 
     # Common patterns --------------------------------------------------------------------
     def reduce_mean_last(self, x: str) -> str:

@@ -1,7 +1,6 @@
 """Export validation: the ONNX graph against the PyTorch model it came from.
 
-A fixed batch of two prompts of different lengths (so one row is left-padded) is run through
-both. Compared: logits at every real prompt position (prefill), logits over teacher-forced
+A fixed batch of two prompts of different lengths (so one row is padded) is run through both. Compared: logits at every real prompt position (prefill), logits over teacher-forced
 decode steps that feed PyTorch's greedy tokens through ORT's KV cache, and the greedy tokens
 themselves. A greedy mismatch where PyTorch's own top-2 logits are closer than the tolerance is a
 near-tie, recorded but not a failure.
@@ -16,7 +15,6 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
-from llmtool.generate import Batch
 from llmtool.runtime import OnnxCausalLM
 
 VALIDATION_PROMPTS = (
@@ -42,6 +40,7 @@ class ValidationReport:
     dtype: str
     tolerance: float
     batch: int
+    padding: str
     prompt_tokens: list[int]
     decode_steps: int
     prefill_max_abs_diff: float
@@ -68,19 +67,24 @@ class ValidationReport:
         )
 
 
-def _torch_logits(
-    model: Any, ids: np.ndarray, mask: np.ndarray, positions: np.ndarray
-) -> np.ndarray:
+def _torch_logits(model: Any, ids: list[int]) -> np.ndarray:
+    """[L, V] float32 logits of one unpadded row."""
     import torch
 
     with torch.no_grad():
-        out = model(
-            input_ids=torch.from_numpy(ids),
-            attention_mask=torch.from_numpy(mask),
-            position_ids=torch.from_numpy(positions),
-            use_cache=False,
-        )
-    return out.logits.float().numpy()
+        out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
+    return out.logits[0].float().numpy()
+
+
+def _padded(rows: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    length = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), length), dtype=np.int64)
+    mask = np.zeros_like(ids)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
+    return ids, mask, positions
 
 
 def validate_export(
@@ -92,65 +96,68 @@ def validate_export(
     decode_steps: int = defaults.VALIDATION_DECODE_STEPS,
     tolerance: float | None = None,
 ) -> ValidationReport:
-    """Compare ``onnx_model`` (an ORT session) with ``torch_model`` on the validation batch."""
+    """Compare ``onnx_model`` (an ORT session) with ``torch_model`` on the validation batch.
+
+    PyTorch runs each prompt alone (no padding) with full forward passes, appending its greedy
+    token each step. ONNX Runtime runs the two prompts as one padded batch (left-padded for
+    standard exports, right-padded for fused ones): one forward pass for the prefill logits at
+    every real position, then the export's own decoder fed PyTorch's greedy tokens.
+    """
     start = time.perf_counter()
     tolerance = defaults.PARITY_TOLERANCE[dtype] if tolerance is None else tolerance
     rows = [list(tokenizer(p)["input_ids"]) for p in VALIDATION_PROMPTS]
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    batch = Batch.left_padded(rows, pad_id)
-    real = batch.attention_mask.astype(bool)
     n = len(rows)
 
-    # PyTorch: full forward passes, greedy token appended each step (no cache involved).
-    ids, mask, pos = batch.input_ids, batch.attention_mask, batch.position_ids
-    ref_prefill = _torch_logits(torch_model, ids, mask, pos)
-    ref_steps = [ref_prefill[:, -1]]
+    ref_prefill = [_torch_logits(torch_model, row) for row in rows]
+    greedy = [[int(ref[-1].argmax())] for ref in ref_prefill]  # [B][steps + 1]
+    ref_steps = [[ref[-1]] for ref in ref_prefill]  # [B][steps + 1] -> [V]
     for _ in range(decode_steps):
-        nxt = ref_steps[-1].argmax(-1)[:, None]
-        ids = np.concatenate([ids, nxt], axis=1)
-        mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
-        pos = np.concatenate([pos, pos[:, -1:] + 1], axis=1)
-        ref_steps.append(_torch_logits(torch_model, ids, mask, pos)[:, -1])
-    greedy = np.stack([s.argmax(-1) for s in ref_steps], axis=1)  # [B, steps + 1]
+        for b, row in enumerate(rows):
+            last = _torch_logits(torch_model, row + greedy[b])[-1]
+            ref_steps[b].append(last)
+            greedy[b].append(int(last.argmax()))
+    tokens = np.array(greedy, dtype=np.int64)
 
-    # ONNX Runtime: prefill, then PyTorch's greedy tokens fed through the KV cache.
-    logits, cache = onnx_model.forward(
-        batch.input_ids, batch.attention_mask, batch.position_ids, onnx_model.empty_cache(n)
-    )
-    prefill_diff = float(np.abs(logits - ref_prefill)[real].max())
-    got_steps = [logits[:, -1]]
-    mask, pos = batch.attention_mask, batch.position_ids[:, -1]
+    side = "right" if onnx_model.layout == "fused" else "left"
+    ids, mask, positions = _padded(rows, side)
+    logits, _ = onnx_model.forward(ids, mask, positions, onnx_model.empty_cache(n))
+    prefill_diff = 0.0
+    for b in range(n):
+        real = logits[b][mask[b].astype(bool)]
+        prefill_diff = max(prefill_diff, float(np.abs(real - ref_prefill[b]).max()))
+
+    decoder = onnx_model.decoder(n, max(len(r) for r in rows) + decode_steps + 1)
+    got_steps = [decoder.prefill(rows).logits().copy()]
     for t in range(decode_steps):
-        mask = np.concatenate([mask, np.ones((n, 1), np.int64)], axis=1)
-        pos = pos + 1
-        logits, cache = onnx_model.forward(greedy[:, t : t + 1], mask, pos[:, None], cache)
-        got_steps.append(logits[:, -1])
-    decode_diff = max(
-        float(np.abs(g - r).max()) for g, r in zip(got_steps[1:], ref_steps[1:], strict=True)
-    )
+        got_steps.append(decoder.step(tokens[:, t]).logits().copy())
+    decode_diff = 0.0
+    for t in range(1, decode_steps + 1):
+        for b in range(n):
+            decode_diff = max(decode_diff, float(np.abs(got_steps[t][b] - ref_steps[b][t]).max()))
 
     near_ties: list[dict[str, Any]] = []
     mismatches: list[dict[str, Any]] = []
-    for step, (got, ref) in enumerate(zip(got_steps, ref_steps, strict=True)):
-        for row in range(n):
-            onnx_tok, torch_tok = int(got[row].argmax()), int(greedy[row, step])
+    for step, got in enumerate(got_steps):
+        for r in range(n):
+            onnx_tok, torch_tok = int(got[r].argmax()), int(tokens[r, step])
             if onnx_tok == torch_tok:
                 continue
-            top2 = np.sort(ref[row])[-2:]
-            record = {
-                "row": row,
+            top2 = np.sort(ref_steps[r][step])[-2:]
+            record: dict[str, Any] = {
+                "row": r,
                 "step": step,
                 "onnx": onnx_tok,
                 "torch": torch_tok,
                 "torch_top2_gap": float(top2[1] - top2[0]),
             }
             (near_ties if record["torch_top2_gap"] < tolerance else mismatches).append(record)
-    report = ValidationReport(
+    return ValidationReport(
         passed=prefill_diff <= tolerance and decode_diff <= tolerance and not mismatches,
         provider=onnx_model.provider,
         dtype=dtype,
         tolerance=tolerance,
         batch=n,
+        padding=side,
         prompt_tokens=[len(r) for r in rows],
         decode_steps=decode_steps,
         prefill_max_abs_diff=prefill_diff,
@@ -161,4 +168,3 @@ def validate_export(
         mismatches=mismatches,
         seconds=time.perf_counter() - start,
     )
-    return report

@@ -1,0 +1,472 @@
+"""The report of ``llmtool eval``: the versioned JSON record, terminal tables, Markdown and a plot.
+
+The record (schema ``llmtool-eval``, version :data:`~llmtool.gate.SCHEMA_VERSION`, described by
+:data:`llmtool.eval_schema.SCHEMA`) keeps the walking skeleton's top-level perplexity keys and
+adds ``reference``, ``throughput``, a flat ``metrics`` map (each metric with its unit, whether
+higher is better and its gate rule), ``environment`` and the full ``config``. Tables and Markdown
+are rendered from the same :class:`Section` list, so the terminal and the CI summary agree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtool import defaults
+from llmtool.errors import UsageError
+from llmtool.fsutil import atomic_write_bytes
+from llmtool.gate import SCHEMA_NAME, SCHEMA_VERSION
+
+
+def metric(
+    value: Any,
+    unit: str,
+    higher_is_better: bool,
+    gate: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    """One entry of the ``metrics`` map."""
+    return {
+        "value": value,
+        "unit": unit,
+        "higher_is_better": higher_is_better,
+        "gate": gate,
+        **extra,
+    }
+
+
+def collect_metrics(record: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The flat ``metrics`` map of a record: what the baseline gate compares."""
+    m: dict[str, dict[str, Any]] = {}
+    if "perplexity" in record:
+        m["perplexity"] = metric(
+            record["perplexity"],
+            "ppl/token",
+            False,
+            "perplexity",
+            standard_error=record.get("standard_error"),
+        )
+        m["nll"] = metric(
+            record["nll"], "nats/token", False, standard_error=record.get("standard_error")
+        )
+        for key, unit in (
+            ("bits_per_byte", "bits/byte"),
+            ("word_perplexity", "ppl/word"),
+            ("byte_perplexity", "ppl/byte"),
+        ):
+            if record.get(key) is not None:
+                m[key] = metric(record[key], unit, False)
+        m["nonfinite_logits"] = metric(record.get("nonfinite_logits", 0), "count", False, "count")
+    ref = record.get("reference")
+    if ref:
+        m["reference.perplexity"] = metric(ref["perplexity"], "ppl/token", False)
+        m["reference.delta_perplexity"] = metric(ref["delta_perplexity"], "ppl/token", False)
+        m["reference.log_ppl_ratio"] = metric(ref["log_ppl_ratio"], "nats/token", False)
+        for stat in ("mean", "median", "p99", "max"):
+            m[f"reference.kl_divergence.{stat}"] = metric(ref["kl_divergence"][stat], "nats", False)
+        m["reference.top1_agreement"] = metric(ref["top1_agreement"], "fraction", True)
+        m["reference.nonfinite_logits"] = metric(ref["nonfinite_logits"], "count", False, "count")
+    for s in (record.get("throughput") or {}).get("scenarios", []):
+        k = f"throughput.{s['backend']}.{s['key']}"
+        m[f"{k}.decode_tokens_per_s"] = metric(
+            s["decode_tokens_per_s"]["best"], "tokens/s", True, "throughput"
+        )
+        m[f"{k}.prefill_tokens_per_s"] = metric(
+            s["prefill_tokens_per_s"]["best"], "tokens/s", True, "throughput"
+        )
+        m[f"{k}.ttft_s"] = metric(s["ttft_s"]["best"], "s", False)
+        for q in ("p50", "p90", "p99"):
+            m[f"{k}.inter_token_latency_{q}_s"] = metric(s["inter_token_latency_s"][q], "s", False)
+        m[f"{k}.e2e_latency_s"] = metric(s["e2e_latency_s"]["best"], "s", False)
+        m[f"{k}.peak_rss_bytes"] = metric(s["peak_rss_bytes"], "bytes", False)
+        if s["device_memory_bytes"] is not None:
+            m[f"{k}.device_memory_bytes"] = metric(s["device_memory_bytes"], "bytes", False)
+        if s["bandwidth"]["utilization"] is not None:
+            m[f"{k}.bandwidth_utilization"] = metric(
+                s["bandwidth"]["utilization"], "fraction", True
+            )
+    return m
+
+
+def build_record(
+    *,
+    model: str,
+    provider: str,
+    config: dict[str, Any],
+    environment: dict[str, Any],
+    perplexity: dict[str, Any] | None = None,
+    throughput: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble the ``--json`` record (see the module docstring)."""
+    record: dict[str, Any] = {
+        "schema": SCHEMA_NAME,
+        "schema_version": SCHEMA_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "model": model,
+        "provider": provider,
+    }
+    if perplexity is not None:
+        record.update(perplexity)
+    if throughput is not None:
+        record["throughput"] = throughput
+    record["metrics"] = collect_metrics(record)
+    record["environment"] = environment
+    record["config"] = config
+    return record
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with NaN and ±Inf floats replaced by None (JSON has no such numbers)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+@dataclass
+class Section:
+    """A table: rendered by Rich on the terminal and as Markdown for CI summaries."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+    caption: str = ""
+
+
+def _g(value: Any, digits: int = 5) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return f"{value:.{digits}g}"
+
+
+def _mib(value: Any) -> str:
+    return "–" if value is None else f"{value / 2**20:,.0f}"
+
+
+def perplexity_section(record: dict[str, Any]) -> Section:
+    """Perplexity with its interval, NLL, per-word and per-byte figures, and the settings."""
+    s = Section("Perplexity", ["metric", "value"])
+    ci = record.get("perplexity_ci")
+    interval = f"  [{_g(ci['low'])}, {_g(ci['high'])}] at {100 * ci['confidence']:g}%" if ci else ""
+    se = record.get("standard_error")
+    s.rows += [
+        [
+            "protocol",
+            f"{record['protocol']} (window {record['max_length']}, stride {record['stride']})",
+        ],
+        ["perplexity (token)", f"{_g(record['perplexity'], 6)}{interval}"],
+        [
+            "mean NLL (nats/token)",
+            _g(record["nll"], 6) + (f" ± {_g(se, 3)}" if se is not None else ""),
+        ],
+    ]
+    if record.get("bits_per_byte") is not None:
+        s.rows.append(["bits per byte", _g(record["bits_per_byte"])])
+    if record.get("word_perplexity") is not None:
+        s.rows.append(["word perplexity", _g(record["word_perplexity"], 6)])
+        s.rows.append(["byte perplexity", _g(record["byte_perplexity"], 6)])
+    docs = f"{record['documents']:,}"
+    if record.get("skipped_documents"):
+        docs += f" ({record['skipped_documents']:,} skipped)"
+    s.rows += [
+        ["tokens scored", f"{record['tokens']:,}"],
+        ["documents", docs],
+        ["words / bytes", f"{record['words']:,} / {record['bytes']:,}"],
+        ["non-finite logits", f"{record.get('nonfinite_logits', 0):,}"],
+    ]
+    sha = record.get("data", {}).get("sha256", "")
+    s.caption = (
+        f"{record['windows']} forward passes on {record['provider']} in {record['seconds']:.1f} s"
+        + (f" · data sha256 {sha[:12]}" if sha else "")
+    )
+    return s
+
+
+def reference_section(record: dict[str, Any]) -> Section:
+    """The fidelity report against ``--reference``."""
+    ref = record["reference"]
+    kl = ref["kl_divergence"]
+    s = Section(
+        f"Fidelity to {Path(ref['model']).name or ref['model']} ({ref['kind']})",
+        ["metric", "value"],
+    )
+    s.rows = [
+        [
+            "perplexity: model / reference",
+            f"{_g(record['perplexity'], 6)} / {_g(ref['perplexity'], 6)}",
+        ],
+        ["ΔPPL", f"{ref['delta_perplexity']:+.5g}"],
+        ["ln(PPL / PPL_ref)", f"{ref['log_ppl_ratio']:+.5g}"],
+        ["KL divergence mean / median (nats)", f"{_g(kl['mean'], 4)} / {_g(kl['median'], 4)}"],
+        ["KL divergence p99 / max (nats)", f"{_g(kl['p99'], 4)} / {_g(kl['max'], 4)}"],
+        ["top-1 agreement", f"{100 * ref['top1_agreement']:.2f}%"],
+        ["non-finite logits", f"{ref['nonfinite_logits']:,}"],
+    ]
+    s.caption = (
+        f"KL(P_ref ‖ P_model) over {ref['tokens']:,} scored tokens · reference on {ref['device']}"
+    )
+    return s
+
+
+def _scenarios(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """Scenarios by batch and prompt length, the backends of each side by side (ONNX first)."""
+    return sorted(
+        record["throughput"]["scenarios"],
+        key=lambda x: (x["batch_size"], x["prompt_length"], x["backend"] != "onnx"),
+    )
+
+
+def _shape(x: dict[str, Any]) -> str:
+    return f"{x['batch_size']}×{x['prompt_length']}"
+
+
+def throughput_section(record: dict[str, Any]) -> Section:
+    """Latency and tok/s: one row per scenario and backend."""
+    t = record["throughput"]
+    s = Section(
+        "Throughput",
+        ["backend", "shape", "TTFT\nms", "prefill\ntok/s", "decode\ntok/s", "ITL ms\np50/p90/p99"],
+    )
+    for x in _scenarios(record):
+        itl = x["inter_token_latency_s"]
+        s.rows.append(
+            [
+                f"{x['backend']} {x['device']}",
+                _shape(x),
+                f"{1000 * x['ttft_s']['best']:.3g}",
+                f"{x['prefill_tokens_per_s']['best']:,.0f}",
+                f"{x['decode_tokens_per_s']['best']:,.1f}",
+                "/".join(f"{1000 * itl[q]:.3g}" for q in ("p50", "p90", "p99")),
+            ]
+        )
+    new = t["scenarios"][0]["new_tokens"]
+    s.caption = (
+        f"shape: batch × prompt tokens, {new} new tokens a row · best of {t['repeats']} runs "
+        f"after {t['warmup']} warm-up · ITL: inter-token latency over every decode step"
+    )
+    return s
+
+
+def memory_section(record: dict[str, Any]) -> Section:
+    """End-to-end latency, memory, and how much of the peak bandwidth decoding uses."""
+    t = record["throughput"]
+    scenarios = _scenarios(record)
+    device = any(x["device_memory_bytes"] is not None for x in scenarios)
+    columns = ["backend", "shape", "e2e\ns", "peak RSS\nMiB"]
+    columns += ["device\nMiB"] if device else []
+    s = Section("Memory and bandwidth", [*columns, "read\nGB/s", "BW\nutil", "bound"])
+    for x in scenarios:
+        bw = x["bandwidth"]
+        row = [
+            f"{x['backend']} {x['device']}",
+            _shape(x),
+            f"{x['e2e_latency_s']['best']:.3g}",
+            _mib(x["peak_rss_bytes"]),
+        ]
+        row += [_mib(x["device_memory_bytes"])] if device else []
+        row += [
+            f"{bw['bytes_per_s'] / 1e9:.3g}",
+            "–" if bw["utilization"] is None else f"{100 * bw['utilization']:.2g}%",
+            bw["bound"] or "–",
+        ]
+        s.rows.append(row)
+    peaks = "; ".join(f"{d} {_peak(p)}" for d, p in t.get("peak_bandwidth", {}).items())
+    s.caption = (
+        f"read: weights + KV cache per decode step × steps/s · peak: {peaks} · bound: bandwidth "
+        f"at ≥ {100 * defaults.BANDWIDTH_BOUND_UTILIZATION:g}% of peak, else launch"
+    )
+    return s
+
+
+def _peak(peak: dict[str, Any]) -> str:
+    bandwidth = peak.get("bytes_per_s")
+    source = peak.get("source", "")
+    return f"{bandwidth / 1e9:,.1f} GB/s, {source}" if bandwidth else source
+
+
+def gate_section(gate: dict[str, Any]) -> Section:
+    """Old, new and change per metric, with the verdict."""
+    s = Section(
+        f"Baseline {gate['baseline']}", ["metric", "old", "new", "change", "limit", "status"]
+    )
+    for r in gate["rows"]:
+        change = "–" if r["change"] is None else f"{100 * r['change']:+.2f}%"
+        s.rows.append([r["metric"], _g(r["old"]), _g(r["new"]), change, r["limit"], r["status"]])
+    failed = sum(r["status"] == "worse" for r in gate["rows"])
+    s.caption = "passed" if gate["passed"] else f"FAILED: {failed} metric(s) worse beyond tolerance"
+    return s
+
+
+def sections(record: dict[str, Any]) -> list[Section]:
+    """Every table of a record, in display order."""
+    out = []
+    if "perplexity" in record:
+        out.append(perplexity_section(record))
+    if record.get("reference"):
+        out.append(reference_section(record))
+    if record.get("throughput"):
+        out += [throughput_section(record), memory_section(record)]
+    if record.get("gate"):
+        out.append(gate_section(record["gate"]))
+    return out
+
+
+STATUS_STYLE = {"worse": "red", "better": "green", "within tolerance": "yellow"}
+
+
+def rich_tables(record: dict[str, Any]) -> list[Any]:
+    """The sections as Rich tables."""
+    from rich.table import Table
+
+    tables = []
+    for s in sections(record):
+        table = Table(title=s.title, caption=s.caption)
+        for i, name in enumerate(s.columns):
+            table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
+        for row in s.rows:
+            style = STATUS_STYLE.get(row[-1]) if s.columns[-1] == "status" else None
+            table.add_row(*row, style=style)
+        tables.append(table)
+    return tables
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def to_markdown(record: dict[str, Any]) -> str:
+    """The report as GitHub-flavoured Markdown."""
+    env = record["environment"]
+    lines = [
+        f"## llmtool eval: {Path(record['model']).name}",
+        "",
+        f"{env['device']} · {record['provider']} · {env.get('dtype') or ''} · "
+        f"onnxruntime {env.get('onnxruntime') or '?'} · "
+        f"torch {env['versions'].get('torch', '?')}",
+        "",
+    ]
+    for s in sections(record):
+        lines += [f"### {s.title}", ""]
+        lines.append("| " + " | ".join(_cell(c) for c in s.columns) + " |")
+        lines.append("|" + "|".join(["---"] + ["---:"] * (len(s.columns) - 1)) + "|")
+        lines += ["| " + " | ".join(_cell(c) for c in row) + " |" for row in s.rows]
+        if s.caption:
+            lines += ["", f"_{_cell(s.caption)}_"]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def check_plot_path(path: str | Path | None) -> None:
+    """Fail before any work when ``--plot`` cannot be written.
+
+    Raises:
+        UsageError: Not a .png path, or matplotlib is missing.
+    """
+    if path is None:
+        return
+    if Path(path).suffix.lower() != ".png":
+        raise UsageError(f"--plot writes a PNG image, got {path}", "give the file a .png suffix.")
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise UsageError(
+            "--plot needs matplotlib, which is not installed", "run `pip install 'llmtool[plot]'`."
+        ) from e
+
+
+def plot_png(record: dict[str, Any]) -> bytes:
+    """A PNG: decode tok/s against batch size per backend; perplexity with its interval per model."""
+    check_plot_path("plot.png")
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = [p for p in ("throughput", "perplexity") if record.get(p) is not None]
+    fig = Figure(figsize=(6 * max(1, len(panels)), 4.2), layout="constrained")
+    for i, panel in enumerate(panels):
+        ax = fig.add_subplot(1, len(panels), i + 1)
+        if panel == "throughput":
+            lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
+            for x in record["throughput"]["scenarios"]:
+                lines.setdefault((x["backend"], x["prompt_length"]), []).append(
+                    (x["batch_size"], x["decode_tokens_per_s"]["best"])
+                )
+            for (backend, prompt), points in sorted(lines.items()):
+                points.sort()
+                ax.plot(*zip(*points, strict=True), marker="o", label=f"{backend}, prompt {prompt}")
+            batches = sorted({x["batch_size"] for x in record["throughput"]["scenarios"]})
+            if len(batches) > 1:
+                ax.set_xscale("log", base=2)
+            ax.set_xticks(batches, [str(b) for b in batches])
+            ax.set_xlabel("batch size")
+            ax.set_ylabel("decode tokens/s (best of repeats)")
+            ax.set_title("Decode throughput")
+            ax.legend(fontsize="small")
+            ax.grid(alpha=0.3)
+        else:
+            models = [
+                (Path(record["model"]).name, record["perplexity"], record.get("perplexity_ci"))
+            ]
+            ref = record.get("reference")
+            if ref:
+                models.append(
+                    (
+                        f"{Path(ref['model']).name} (ref)",
+                        ref["perplexity"],
+                        ref.get("perplexity_ci"),
+                    )
+                )
+            for j, (name, ppl, ci) in enumerate(models):
+                err = [[ppl - ci["low"]], [ci["high"] - ppl]] if ci else None
+                ax.errorbar([j], [ppl], yerr=err, fmt="o", capsize=6, label=name)
+            ax.set_xticks(range(len(models)), [m[0] for m in models])
+            ax.set_xlim(-0.5, len(models) - 0.5)
+            ci = record.get("perplexity_ci")
+            level = f"{100 * ci['confidence']:g}% interval" if ci else "no interval"
+            ax.set_ylabel(f"perplexity ({record['protocol']}, {level})")
+            ax.set_title("Perplexity")
+            ax.grid(alpha=0.3, axis="y")
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return buf.getvalue()
+
+
+def write_reports(
+    record: dict[str, Any],
+    *,
+    json_path: str | Path | None = None,
+    markdown_path: str | Path | None = None,
+    plot_path: str | Path | None = None,
+) -> list[Path]:
+    """Write the requested files atomically; Markdown also goes to ``$GITHUB_STEP_SUMMARY``.
+
+    Returns:
+        The paths written.
+    """
+    from llmtool.fsutil import atomic_write_text
+    from llmtool.reports import write_json
+
+    written = []
+    if json_path is not None:
+        written.append(write_json(json_path, json_safe(record)))
+    if markdown_path is not None:
+        text = to_markdown(record)
+        atomic_write_text(Path(markdown_path), text)
+        written.append(Path(markdown_path))
+        summary = os.environ.get("GITHUB_STEP_SUMMARY")
+        if summary:
+            with open(summary, "a", encoding="utf-8") as f:
+                f.write(text + "\n")
+    if plot_path is not None:
+        atomic_write_bytes(Path(plot_path), plot_png(record))
+        written.append(Path(plot_path))
+    return written

@@ -1,0 +1,301 @@
+"""``llmtool eval`` as one library call: perplexity, fidelity, throughput and the baseline gate.
+
+:func:`run_eval` resolves every setting first (data hash, window, stride, shapes, execution
+provider), refuses a baseline measured with another config before measuring anything, then
+runs, in this order so that the PyTorch model does not sit in memory during the ONNX timings:
+ONNX throughput, perplexity (with the reference), PyTorch throughput.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from llmtool import defaults
+from llmtool.errors import UsageError
+from llmtool.gate import GateResult, Tolerance
+
+# on_progress(description, done, total): total None while unknown.
+ProgressFn = Callable[[str, int, "int | None"], None]
+
+
+@dataclass
+class EvalOptions:
+    """What to measure (see ``llmtool eval --help`` for each option).
+
+    Attributes:
+        data: Text file, directory of .txt files or JSONL; None for throughput alone.
+        protocol: ``hf``, ``lm-eval`` or ``llama-cpp``.
+        text_field: JSONL field holding the text.
+        max_length: Tokens per forward pass (default min(context, 1024)).
+        stride: Step between ``hf`` windows (default max_length / 2).
+        reference: PyTorch model spec or export directory to compare with.
+        throughput: Run the throughput scenarios.
+        batch_sizes: Rows per scenario.
+        prompt_lengths: Prompt tokens per row.
+        new_tokens: Tokens generated per row.
+        warmup: Untimed runs per scenario.
+        repeats: Timed runs per scenario.
+        backends: ``onnx`` and optionally ``pytorch``.
+        provider: ``auto``, ``cuda`` or ``cpu``.
+        threads: Intra-op threads of ONNX Runtime, and of PyTorch for a PyTorch reference and
+            ``--backend pytorch`` (0: each library's default, all cores).
+        allow_pickle: Accept pickle weights for PyTorch models.
+    """
+
+    data: Path | None = None
+    protocol: str = defaults.EVAL_PROTOCOL
+    text_field: str = defaults.EVAL_TEXT_FIELD
+    max_length: int | None = None
+    stride: int | None = None
+    reference: str | None = None
+    throughput: bool = False
+    batch_sizes: tuple[int, ...] = defaults.THROUGHPUT_BATCH_SIZES
+    prompt_lengths: tuple[int, ...] = defaults.THROUGHPUT_PROMPT_LENGTHS
+    new_tokens: int = defaults.THROUGHPUT_NEW_TOKENS
+    warmup: int = defaults.THROUGHPUT_WARMUP
+    repeats: int = defaults.THROUGHPUT_REPEATS
+    backends: tuple[str, ...] = (defaults.THROUGHPUT_BACKEND,)
+    provider: str = defaults.PROVIDER
+    threads: int = 0
+    allow_pickle: bool = False
+
+
+@dataclass
+class EvalReport:
+    """What :func:`run_eval` returns: the ``--json`` record and the gate's verdict, if any."""
+
+    record: dict[str, Any]
+    gate: GateResult | None = field(default=None)
+
+    @property
+    def passed(self) -> bool:
+        return self.gate is None or self.gate.passed
+
+
+def parse_backends(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """``onnx`` first, then ``pytorch`` if asked for (values may be comma-separated).
+
+    Raises:
+        UsageError: An unknown backend.
+    """
+    from llmtool.throughput import BACKENDS
+
+    names = [v.strip() for item in values for v in item.split(",") if v.strip()]
+    for name in names:
+        if name not in BACKENDS:
+            raise UsageError(f"Unknown backend {name!r}", f"use one of {', '.join(BACKENDS)}.")
+    return ("onnx", "pytorch") if "pytorch" in names else ("onnx",)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run PyTorch on ``threads`` intra-op threads inside the block (its default when 0)."""
+    if threads <= 0:
+        yield
+        return
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _check_options(options: EvalOptions) -> None:
+    if options.data is None and not options.throughput:
+        raise UsageError(
+            "Nothing to evaluate", "pass --data FILE for perplexity, --throughput, or both."
+        )
+    if options.reference is not None and options.data is None and "pytorch" not in options.backends:
+        raise UsageError("--reference compares perplexity and needs --data", "add --data FILE.")
+    if "pytorch" in options.backends and not options.throughput:
+        raise UsageError("--backend pytorch applies to --throughput", "add --throughput.")
+
+
+def _pytorch_spec(model: Any, options: EvalOptions) -> str:
+    """The PyTorch model of ``--backend pytorch``: a PyTorch ``--reference``, else the export's source."""
+    from llmtool.loading import resolve_spec
+
+    if options.reference is not None and resolve_spec(options.reference).kind != "onnx_dir":
+        return options.reference
+    source = (model.manifest.get("source") or {}).get("spec")
+    if not source or (source.lower() != defaults.SMOLLM2_ALIAS and not Path(source).exists()):
+        raise UsageError(
+            f"--backend pytorch needs the PyTorch model, and the export's source {source!r} is not here",
+            "pass the PyTorch model with --reference MODEL.",
+        )
+    return str(source)
+
+
+def run_eval(
+    model_dir: str | Path,
+    options: EvalOptions,
+    *,
+    baseline: str | Path | None = None,
+    tolerance: Tolerance | None = None,
+    on_progress: ProgressFn | None = None,
+) -> EvalReport:
+    """Evaluate an export: perplexity and fidelity on data, throughput, and a baseline gate.
+
+    Args:
+        model_dir: The export directory.
+        options: What to measure.
+        baseline: An earlier ``--json`` report to compare with.
+        tolerance: How much worse a metric may get (defaults in :mod:`llmtool.defaults`).
+        on_progress: Progress callback ``(description, done, total)``.
+
+    Returns:
+        The record and, with a baseline, the gate's verdict (the caller decides the exit code).
+
+    Raises:
+        UsageError: Bad input, or a baseline measured with another config (exit code 2).
+    """
+    from llmtool.documents import load_corpus
+    from llmtool.eval_report import build_record
+    from llmtool.evaluate import check_max_length, evaluate_perplexity, load_reference, torch_device
+    from llmtool.gate import check_config, compare, read_baseline
+    from llmtool.hardware import environment
+    from llmtool.protocols import make_protocol
+    from llmtool.runtime import OnnxCausalLM, SessionOptions
+    from llmtool.throughput import measure_throughput, plan_scenarios
+
+    def progress(description: str, done: int, total: int | None) -> None:
+        if on_progress is not None:
+            on_progress(description, done, total)
+
+    _check_options(options)
+    tolerance = tolerance or Tolerance()
+    baseline_record = read_baseline(baseline) if baseline is not None else None
+    session_options = SessionOptions(intra_op_threads=options.threads)
+    progress("Loading the export", 0, None)
+    model = OnnxCausalLM(model_dir, options.provider, options=session_options)
+
+    corpus = protocol = None
+    if options.data is not None:
+        corpus = load_corpus(options.data, options.text_field)
+        max_length = check_max_length(model, options.max_length)
+        protocol = make_protocol(options.protocol, model.tokenizer, max_length, options.stride)
+    if options.throughput:
+        plan_scenarios(
+            model,
+            options.batch_sizes,
+            options.prompt_lengths,
+            options.new_tokens,
+            options.warmup,
+            options.repeats,
+        )
+    pytorch_spec = _pytorch_spec(model, options) if "pytorch" in options.backends else None
+    config = {
+        "model": str(model_dir),
+        "model_type": model.manifest.get("model_type"),
+        "dtype": model.manifest.get("dtype"),
+        "layout": model.layout,
+        "quantization": (model.manifest.get("quantization") or {}).get("mode"),
+        "provider": options.provider,
+        "execution_provider": model.provider,
+        "threads": options.threads,
+        "perplexity": None
+        if corpus is None or protocol is None
+        else {
+            "data": str(corpus.path),
+            "data_sha256": corpus.sha256,
+            "format": corpus.format,
+            "text_field": corpus.text_field,
+            "documents": len(corpus.documents),
+            "protocol": protocol.name,
+            "max_length": protocol.max_length,
+            "stride": protocol.stride,
+            "reference": options.reference,
+        },
+        "throughput": None
+        if not options.throughput
+        else {
+            "batch_sizes": list(options.batch_sizes),
+            "prompt_lengths": list(options.prompt_lengths),
+            "new_tokens": options.new_tokens,
+            "warmup": options.warmup,
+            "repeats": options.repeats,
+            "backends": list(options.backends),
+            "pytorch_model": pytorch_spec,
+        },
+        "baseline": None if baseline is None else str(baseline),
+        "tolerance": asdict(tolerance) if baseline is not None else None,
+    }
+    if baseline_record is not None:
+        check_config(baseline_record, config, str(baseline))
+
+    scenario_kwargs: dict[str, Any] = {
+        "batch_sizes": options.batch_sizes,
+        "prompt_lengths": options.prompt_lengths,
+        "new_tokens": options.new_tokens,
+        "warmup": options.warmup,
+        "repeats": options.repeats,
+        "on_scenario": lambda label, done, total: progress(f"Timing {label}", done, total),
+    }
+    throughput = None
+    if options.throughput:
+        throughput = measure_throughput(model, **scenario_kwargs)
+
+    perplexity = None
+    reference = None
+    if corpus is not None and protocol is not None:
+        if options.reference is not None:
+            progress(f"Loading the reference {options.reference}", 0, None)
+            reference = load_reference(
+                options.reference,
+                options.provider,
+                session_options,
+                allow_pickle=options.allow_pickle,
+            )
+        with torch_threads(options.threads if reference is not None else 0):
+            result = evaluate_perplexity(
+                model,
+                corpus,
+                max_length=protocol.max_length,
+                stride=protocol.stride if protocol.name == "hf" else None,
+                protocol=protocol.name,
+                reference=reference,
+                on_window=lambda done, total: progress("Scoring", done, total),
+            )
+        perplexity = result.to_dict()
+
+    if pytorch_spec is not None and throughput is not None:
+        if reference is not None and reference.kind == "pytorch" and reference.spec == pytorch_spec:
+            torch_model, device = reference.model.model, reference.device
+        else:
+            from llmtool.loading import load_model
+
+            progress(f"Loading the PyTorch model {pytorch_spec}", 0, None)
+            torch_model = load_model(pytorch_spec, allow_pickle=options.allow_pickle).model
+            device = torch_device(options.provider)
+            torch_model.to(device)
+        if device == "cuda" and model.manifest.get("dtype") == "fp16":
+            import torch
+
+            torch_model.to(torch.float16)
+        with torch_threads(options.threads):
+            timed = measure_throughput(
+                model, **scenario_kwargs, onnx=False, pytorch=torch_model, pytorch_device=device
+            )
+        throughput["scenarios"] += timed["scenarios"]
+        throughput["peak_bandwidth"].update(timed["peak_bandwidth"])
+
+    record = build_record(
+        model=str(model_dir),
+        provider=model.provider,
+        config=config,
+        environment=environment(model.provider, model.manifest.get("dtype")),
+        perplexity=perplexity,
+        throughput=throughput,
+    )
+    gate = None
+    if baseline_record is not None:
+        gate = compare(baseline_record, record, tolerance, str(baseline))
+        record["gate"] = gate.to_dict()
+    return EvalReport(record, gate)

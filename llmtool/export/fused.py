@@ -1,0 +1,205 @@
+"""The fused decoder graph: ONNX Runtime contrib ops for fast decoding (CUDA fp16, and CPU).
+
+Same input and output names as the standard graph (:mod:`llmtool.export.decoder`), plus two
+outputs that keep sampling on the device:
+
+  last_logits [batch, vocab] float32   logits at each row's last real token
+  next_token  [batch] int64            argmax of last_logits (greedy)
+
+Differences in contract, recorded in llmtool.json as ``"layout": "fused"``:
+
+* Rows are **right-padded**: ``attention_mask`` is 1 on each row's tokens from the left, then 0.
+  ``GroupQueryAttention`` derives each row's length (``seqlens_k = sum(mask) - 1``) and the rotary
+  positions from it, so llama-family graphs take no ``position_ids`` (GPT-2 keeps them for its
+  learned positions).
+* The cache may be a preallocated buffer [batch, kv_heads, max_length, head_dim] bound as both
+  ``past_key_values.*`` and ``present.*``: GroupQueryAttention then writes the new keys and values
+  in place, so decode steps have fixed shapes, allocate nothing and can be captured as a CUDA
+  graph. Fed back like the standard cache (present grows by one), it works too.
+
+Each layer is: [Skip]SimplifiedLayerNormalization (residual add fused), one MatMul for q, k and
+v, GroupQueryAttention (rotary fused), MatMul, SkipSimplifiedLayerNormalization, one MatMul for
+gate and up, SiLU·up (ORT fuses SiLU), MatMul. GPT-2 uses the LayerNorm counterparts and FastGelu.
+GroupQueryAttention runs on CUDA in fp16 only; fp32 fused graphs are for the CPU.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto, helper
+
+from llmtool.export.architectures import DecoderWeights, LayerWeights
+from llmtool.export.decoder import GraphIO, _DecoderGraph
+from llmtool.export.graph import GraphBuilder
+
+MS = "com.microsoft"
+
+
+class _FusedDecoderGraph(_DecoderGraph):
+    layout = "fused"
+
+    def __init__(
+        self, w: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+    ) -> None:
+        super().__init__(w, dtype, opset, head_matmul)
+        if w.head_dim % 16 and w.rope_cos is not None:
+            raise ValueError("GroupQueryAttention with rotary needs head_dim divisible by 16")
+
+    def build(self) -> tuple[GraphBuilder, GraphIO]:
+        g, io = super().build()
+        if self.w.positions is None:
+            # Llama-family graphs read positions from the mask; drop the unused input.
+            g.inputs = [i for i in g.inputs if i.name != "position_ids"]
+            io.inputs.remove("position_ids")
+        return g, io
+
+    def extra_outputs(self, logits: str) -> list[str]:
+        g, w = self.g, self.w
+        with g.scope("next_token"):
+            # Row lengths computed on the device: a shape-derived scalar (on the host in ORT)
+            # feeding device math would need a copy and forbid CUDA graph capture.
+            ones = g.op("ConstantOfShape", [g.op("Shape", ["input_ids"])], value=_int64_tensor(1))
+            seq = g.op("ReduceSum", [ones, g.const([1])], keepdims=0)  # [B], every entry S
+            # Last real token: length - 1 in a right-padded prompt, position 0 in a decode step.
+            length_last = g.op("Sub", [self.mask_sum, g.const(1)])
+            chunk_last = g.op("Sub", [seq, g.const(1)])
+            use_length = g.op("Less", [length_last, chunk_last])
+            last = g.op("Where", [use_length, length_last, chunk_last])
+            index = g.op(
+                "Expand",
+                [g.op("Unsqueeze", [last, g.const([1, 2])]), g.const([1, 1, w.vocab_size])],
+            )
+            last_logits = g.op("GatherElements", [logits, index], axis=1)  # [B, 1, V]
+            last_logits = g.op("Squeeze", [last_logits, g.const([1])], names=["last_logits"])
+            g.op("ArgMax", [last_logits], axis=-1, keepdims=0, names=["next_token"])
+        g.add_output("last_logits", "last_logits", TensorProto.FLOAT, ["batch", w.vocab_size])
+        g.add_output("next_token", "next_token", TensorProto.INT64, ["batch"])
+        return ["last_logits", "next_token"]
+
+    def norm_op(
+        self, x: str, skip: str | None, name: str, weight: np.ndarray, bias: np.ndarray | None
+    ) -> tuple[str, str]:
+        """Normalize ``x + skip``; returns (normalized, x + skip)."""
+        g = self.g
+        w = self.weight(f"{name}.weight", weight)
+        eps = self.w.norm_eps
+        rms = self.w.norm == "rms"
+        if skip is None:
+            if rms:
+                y = g.op("SimplifiedLayerNormalization", [x, w], axis=-1, epsilon=eps, stash_type=1)
+            else:
+                b = self.weight(f"{name}.bias", bias if bias is not None else np.zeros_like(weight))
+                y = g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=eps, stash_type=1)
+            return y, x
+        base = g._fresh("SkipNorm")
+        names = [f"{base}/out", "", "", f"{base}/sum"]
+        if rms:
+            y, _, _, total = g.op(
+                "SkipSimplifiedLayerNormalization",
+                [x, skip, w],
+                domain=MS,
+                names=names,
+                epsilon=eps,
+            )
+        else:
+            b = self.weight(f"{name}.bias", bias if bias is not None else np.zeros_like(weight))
+            y, _, _, total = g.op(
+                "SkipLayerNormalization", [x, skip, w, b], domain=MS, names=names, epsilon=eps
+            )
+        return y, total
+
+    def decoder_layers(self, h: str) -> str:
+        g, w = self.g, self.w
+        with g.scope("lengths"):
+            self.mask_sum = g.op("ReduceSum", ["attention_mask", g.const([1])], keepdims=0)  # [B]
+            self.seqlens_k = g.op(
+                "Cast", [g.op("Sub", [self.mask_sum, g.const(1)])], to=TensorProto.INT32
+            )
+            total = g.op("Gather", [g.op("Shape", ["attention_mask"]), g.const(1)], axis=0)
+            self.total_length = g.op(
+                "Cast", [total], to=TensorProto.INT32
+            )  # scalar, read on the host
+        self.rope_caches: list[str] = ["", ""]
+        if w.rope_cos is not None and w.rope_sin is not None:
+            half = w.head_dim // 2  # transformers' tables repeat the frequencies in both halves
+            self.rope_caches = [
+                self.weight("rope.cos_cache", np.ascontiguousarray(w.rope_cos[:, :half])),
+                self.weight("rope.sin_cache", np.ascontiguousarray(w.rope_sin[:, :half])),
+            ]
+        residual, pending = h, None
+        for i, layer in enumerate(w.layers):
+            with g.scope(f"layers.{i}"):
+                residual, pending = self.fused_layer(i, layer, residual, pending)
+        with g.scope("head"):
+            y, _ = self.norm_op(residual, pending, "final_norm", w.final_norm_w, w.final_norm_b)
+        return y
+
+    def fused_layer(
+        self, i: int, lw: LayerWeights, residual: str, pending: str | None
+    ) -> tuple[str, str]:
+        g, w = self.g, self.w
+        x, residual = self.norm_op(residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
+        qkv = self.linear(
+            x,
+            self.weight(f"layers.{i}.attn.qkv.weight", lw.qkv_w),
+            self.optional_weight(f"layers.{i}.attn.qkv.bias", lw.qkv_b),
+        )
+        rotary = w.rope_cos is not None
+        window = w.sliding_window or 0
+        attn = g.op(
+            "GroupQueryAttention",
+            [
+                qkv,
+                "",
+                "",
+                f"past_key_values.{i}.key",
+                f"past_key_values.{i}.value",
+                self.seqlens_k,
+                self.total_length,
+                *self.rope_caches,
+            ],
+            domain=MS,
+            names=[g._fresh("gqa") + "/out", f"present.{i}.key", f"present.{i}.value"],
+            num_heads=w.num_heads,
+            kv_num_heads=w.num_kv_heads,
+            scale=float(lw.attn_scale),
+            do_rotary=int(rotary),
+            rotary_interleaved=0,
+            local_window_size=window if window else -1,
+        )[0]
+        present_shape: list[int | str] = ["batch", w.num_kv_heads, "total_sequence", w.head_dim]
+        g.add_output(f"present.{i}.key", f"present.{i}.key", self.onnx_float, present_shape)
+        g.add_output(f"present.{i}.value", f"present.{i}.value", self.onnx_float, present_shape)
+        o = self.linear(
+            attn,
+            self.weight(f"layers.{i}.attn.o.weight", lw.o_w),
+            self.optional_weight(f"layers.{i}.attn.o.bias", lw.o_b),
+        )
+        x, residual = self.norm_op(residual, o, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+        up = self.linear(
+            x,
+            self.weight(f"layers.{i}.mlp.up.weight", lw.up_w),
+            self.optional_weight(f"layers.{i}.mlp.up.bias", lw.up_b),
+        )
+        mlp = self.linear(
+            self.activation(up),
+            self.weight(f"layers.{i}.mlp.down.weight", lw.down_w),
+            self.optional_weight(f"layers.{i}.mlp.down.bias", lw.down_b),
+        )
+        return residual, mlp
+
+    def activation(self, h: str) -> str:
+        if self.w.activation == "gelu_tanh":
+            return self.g.op("FastGelu", [h], domain=MS)
+        return super().activation(h)
+
+
+def _int64_tensor(value: int) -> TensorProto:
+    return helper.make_tensor("value", TensorProto.INT64, [1], [value])
+
+
+def build_fused_graph(
+    weights: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+) -> tuple[GraphBuilder, GraphIO]:
+    """Build the fused (contrib-op) decoder graph for ``weights``; see the module docstring."""
+    return _FusedDecoderGraph(weights, dtype, opset, head_matmul).build()
