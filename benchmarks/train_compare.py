@@ -5,7 +5,7 @@ validation against PyTorch), generates a short sample from the export, and write
 ``benchmarks/results/train_cpu.json`` (curves, perplexities, throughput, wall time, machine) and
 ``benchmarks/results/train_cpu.md`` (one table).
 
-    python benchmarks/train_compare.py                       # llama, gpt2, lstm, rnn
+    python benchmarks/train_compare.py                       # llama, lstm, rnn, gpt2
     python benchmarks/train_compare.py --archs llama,lstm --steps 300
 
 The acceptance check of issue 3: final validation perplexity at most 0.25 x the step-0 value,
@@ -193,7 +193,7 @@ def markdown(report: dict[str, Any]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
-    parser.add_argument("--archs", default="llama,gpt2,lstm,rnn")
+    parser.add_argument("--archs", default="llama,lstm,rnn,gpt2")
     parser.add_argument("--steps", type=int, default=None, help="default: the tiny preset's")
     parser.add_argument("--work", type=Path, default=ROOT / "build" / "bench-train")
     parser.add_argument("--results", type=Path, default=RESULTS)

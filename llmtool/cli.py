@@ -73,13 +73,14 @@ def handle_errors(func: F) -> F:
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("Interrupted; nothing was left half-written.", 130)
-        except MemoryError:
-            if _state["debug"]:
-                raise
-            _fail("Out of memory: try a smaller batch, fewer prompts or a shorter --max-length.", 1)
         except Exception as e:
+            from llmtool.errors import classify
+
             if _state["debug"]:
                 raise
+            known = classify(e)
+            if known is not None:
+                _fail(str(known), known.exit_code)
             first = str(e).splitlines()[0] if str(e) else ""
             _fail(
                 f"Unexpected {type(e).__name__}: {first[:300]} (rerun with --debug for the traceback).",
@@ -97,7 +98,9 @@ def _print_json(data: Any) -> None:
 @app.command("export")
 @handle_errors
 def export_cmd(
-    model: str = typer.Argument(..., help="Hugging Face directory, .gguf file, or 'smollm2'."),
+    model: str = typer.Argument(
+        ..., metavar="MODEL", help="Hugging Face directory, .gguf file, or 'smollm2'."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create."),
     dtype: str = typer.Option(defaults.EXPORT_DTYPE, help="fp32 or fp16."),
     opset: int = typer.Option(defaults.OPSET, help="ONNX opset (17-21)."),
@@ -181,7 +184,7 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
 @app.command("generate")
 @handle_errors
 def generate_cmd(
-    model_dir: Path = typer.Argument(..., help="An llmtool export directory."),
+    model_dir: Path = typer.Argument(..., metavar="DIR", help="An llmtool export directory."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeat for a batch."),
     prompt_file: Path | None = typer.Option(None, "--prompt-file", help="One prompt per line."),
     max_new_tokens: int = typer.Option(
@@ -254,7 +257,7 @@ def generate_cmd(
 @app.command("eval")
 @handle_errors
 def eval_cmd(
-    model_dir: Path = typer.Argument(..., help="An llmtool export directory."),
+    model_dir: Path = typer.Argument(..., metavar="DIR", help="An llmtool export directory."),
     data: Path | None = typer.Option(
         None,
         "--data",

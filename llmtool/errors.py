@@ -43,3 +43,42 @@ class RegressionError(LlmtoolError):
     """A metric worse than its baseline beyond tolerance (``llmtool eval --baseline``; exit code 1)."""
 
     exit_code = 1
+
+
+_OOM_MARKERS = (
+    "out of memory",
+    "failed to allocate memory",
+    "bad_alloc",
+    "outofmemory",
+    "cudaerrormemoryallocation",
+)
+
+
+def classify(error: BaseException) -> LlmtoolError | None:
+    """Map a low-level failure that has a known cause to a clear :class:`LlmtoolError`.
+
+    Out-of-memory (host or GPU, from PyTorch or ONNX Runtime), a full disk and a denied
+    permission get a sentence with what to do; anything else returns ``None``.
+    """
+    import errno
+
+    text = str(error).lower()
+    if isinstance(error, MemoryError) or any(
+        marker in text.replace(" ", "") or marker in text for marker in _OOM_MARKERS
+    ):
+        return UsageError(
+            "Out of memory",
+            "use a smaller batch (fewer prompts), shorter prompts, a lower --max-new-tokens or "
+            "--max-length, or a smaller model.",
+        )
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+        where = f" writing {error.filename}" if error.filename else ""
+        return LlmtoolError(
+            f"No space left on the device{where}; nothing was left half-written",
+            "free some disk space or write somewhere else.",
+        )
+    if isinstance(error, PermissionError):
+        return UsageError(
+            f"Permission denied: {error.filename or error}", "choose a path you can write."
+        )
+    return None

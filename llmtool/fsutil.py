@@ -45,6 +45,10 @@ def check_output_dir(out: Path, *, force: bool, source: Path | None = None) -> N
     existing = parent
     while not existing.exists():
         existing = existing.parent
+    if not existing.is_dir():
+        raise UsageError(
+            f"Cannot create {out}: {existing} is a file", "pick an --out in a directory."
+        )
     if not os.access(existing, os.W_OK):
         raise UsageError(f"Cannot write to {existing}", "pick an --out in a writable directory.")
 

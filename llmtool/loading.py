@@ -276,9 +276,16 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
                 use_safetensors=not allow_pickle or None,
                 **kwargs,
             )
-    except (ValueError, OSError, KeyError, RuntimeError) as e:
+    except Exception as e:  # safetensors, gguf and torch each raise their own types
+        from llmtool.errors import classify
+
+        known = classify(e)
+        if known is not None:
+            raise known from e
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(
-            f"Cannot load model weights from {spec.display} ({str(e).splitlines()[0]})"
+            f"Cannot load model weights from {spec.display} ({first[:200]})",
+            "check that the weight files are complete and match config.json.",
         ) from e
     model.eval()
     try:

@@ -66,7 +66,7 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
         table.add_row("top-1 agreement with fp32", f"{100 * f['top1_agreement']:.2f}%", "", "")
     table.caption = (
         f"{manifest['parameters'] / 1e6:.1f}M parameters · {manifest['dtype']} · opset {manifest['opset']} · "
-        f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} left-padded"
+        f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} {v.get('padding', 'left')}-padded"
     )
     return table
 

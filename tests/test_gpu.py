@@ -113,3 +113,29 @@ def test_smollm2_fp16_cuda_top1_agreement(tmp_path):
     agreement = teacher_forced_top1(OnnxCausalLM(out, "cuda"), loaded.model, rows, 256)
     print(f"SmolLM2 fp16 CUDA top-1 agreement {agreement:.4f}; validation {result.validation}")
     assert agreement >= 0.99
+
+
+def test_device_memory_flat_over_500_generations(fused_fp16):
+    """Endurance on the GPU: mixed batch sizes and lengths; device memory stops growing after warm-up."""
+    from llmtool.hardware import gpu_memory_used
+
+    _, out = fused_fp16
+    model = OnnxCausalLM(out, "cuda")
+    rng = np.random.default_rng(0)
+
+    def one() -> None:
+        batch = int(rng.choice([1, 2, 4, 8]))
+        prompts = [
+            list(rng.integers(1, model.vocab_size, int(rng.integers(1, 40)))) for _ in range(batch)
+        ]
+        generate(model, prompts, max_new_tokens=int(rng.integers(1, 24)), stop_at_eos=False)
+
+    for _ in range(100):  # every (batch, cache length) decoder and its CUDA graph gets created
+        one()
+    before = gpu_memory_used()
+    for _ in range(500):
+        one()
+    after = gpu_memory_used()
+    assert before is not None and after is not None
+    print(f"device memory {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB over 500 generations")
+    assert after - before <= 64 * 2**20

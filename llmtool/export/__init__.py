@@ -200,7 +200,7 @@ def export_model(
                     f"The {quantize} export drifts too far from fp32: ΔPPL "
                     f"{100 * f['relative_delta_perplexity']:+.2f}% exceeds "
                     f"{100 * f['max_relative_delta_perplexity']:.1f}%; nothing was written",
-                    "try --quantize int8, a smaller --block-size, or --no-symmetric.",
+                    "try --quantize int8, a smaller --block-size, or --asymmetric.",
                 )
         del session
         write_manifest(tmp, manifest)

@@ -57,8 +57,13 @@ def quantize_file(
         symmetric: int4 blocks without zero points.
         accuracy_level: int4 compute type for the CPU kernel (4: int8 compute).
     """
+    import logging
+
     import onnx
 
+    # onnxruntime's quantizers log every node they touch at INFO level.
+    for name in ("onnxruntime.quantization", "onnxruntime", "root"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     if mode == "int4":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

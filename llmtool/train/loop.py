@@ -333,12 +333,12 @@ def save_checkpoint(
     record: dict[str, Any],
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, drop older ones."""
-    from safetensors.torch import save_model
+    from llmtool.train.recurrent import save_weights
 
     root = out / CHECKPOINTS
     name = f"step-{state.step:06d}"
     with atomic_directory(root / name, force=True) as tmp:
-        save_model(model, str(tmp / WEIGHTS))
+        save_weights(model, tmp / WEIGHTS)
         torch.save(trainer, tmp / STATE_PT)
         data = {**record, **asdict(state)}
         atomic_write_text(tmp / STATE_JSON, json.dumps(data, indent=1) + "\n")

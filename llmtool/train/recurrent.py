@@ -165,12 +165,10 @@ class RecurrentLM(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write config.json and model.safetensors into ``directory``."""
-        from safetensors.torch import save_model
-
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         self.config.save_pretrained(directory)
-        save_model(self, str(directory / WEIGHTS_NAME))
+        save_weights(self, directory / WEIGHTS_NAME)
 
     @classmethod
     def from_pretrained(cls, directory: str | Path) -> RecurrentLM:
@@ -198,3 +196,19 @@ class RecurrentLM(nn.Module):
                 "the weights do not match config.json; retrain or restore the directory.",
             ) from e
         return model.eval()
+
+
+def save_weights(model: Any, path: str | Path) -> None:
+    """Save a module's weights as safetensors (tied parameters once), from a CPU copy.
+
+    On the GPU cuDNN packs an LSTM's weights into one flat buffer, which
+    ``safetensors.torch.save_model`` refuses as shared storage; on the CPU every weight has its
+    own, so a CPU copy saves cleanly and the training model is left untouched.
+    """
+    import copy
+
+    from safetensors.torch import save_model
+
+    if any(p.device.type != "cpu" for p in model.parameters()):
+        model = copy.deepcopy(model).to("cpu")
+    save_model(model, str(path))
