@@ -2,7 +2,9 @@
 
 Protocol (issue 6): the real SmolLM2-135M-Instruct (``smollm2``), batch 1, greedy, 64 new tokens
 (EOS ignored where the engine allows), the same prompts for every engine, ``--threads`` threads
-for all of them; one warm-up generation, then every prompt once; the median over prompts.
+for all of them; one warm-up generation each, then ``REPEATS`` rounds in which every prompt runs
+on every engine in turn (round robin, so load from elsewhere on a shared machine hits all
+engines alike); the median per engine.
 
 Engines: llmtool exports (fp32 standard graph, fp32 fused graph, int8, int4; all on ONNX
 Runtime's CPU provider), transformers eager fp32, and llama-cpp-python on the Q4_1 GGUF that
@@ -25,6 +27,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -83,27 +86,29 @@ def summarize(runs: list[dict[str, float]]) -> dict[str, Any]:
     }
 
 
-def bench_llmtool(path: Path, new: int, threads: int) -> dict[str, Any]:
+REPEATS = 3  # each prompt this many times per engine
+Run = dict[str, Any]  # ttft_s, decode_s, tokens (and text)
+
+
+def llmtool_runner(path: Path, new: int, threads: int) -> Callable[[str], Run]:
     from llmtool.generate import generate
     from llmtool.runtime import OnnxCausalLM, SessionOptions
 
     model = OnnxCausalLM(path, "cpu", options=SessionOptions(intra_op_threads=threads))
-    generate(model, PROMPTS[:1], max_new_tokens=8, stop_at_eos=False)
-    runs = []
-    for prompt in PROMPTS:
+
+    def run(prompt: str) -> Run:
         r = generate(model, [prompt], max_new_tokens=new, stop_at_eos=False)
-        runs.append(
-            {
-                "ttft_s": r.timing.prefill_s,
-                "decode_s": r.timing.decode_s,
-                "tokens": r.timing.decode_tokens,
-                "text": r.outputs[0].text[:80],
-            }
-        )
-    return summarize(runs)
+        return {
+            "ttft_s": r.timing.prefill_s,
+            "decode_s": r.timing.decode_s,
+            "tokens": r.timing.decode_tokens,
+            "text": r.outputs[0].text[:80],
+        }
+
+    return run
 
 
-def bench_transformers(new: int, threads: int) -> dict[str, Any]:
+def transformers_runner(new: int, threads: int) -> Callable[[str], Run]:
     import torch
 
     from llmtool.loading import load_model
@@ -124,17 +129,16 @@ def bench_transformers(new: int, threads: int) -> dict[str, Any]:
             )
         return time.perf_counter() - t
 
-    gen(tok(PROMPTS[0], return_tensors="pt"), 8)
-    runs = []
-    for prompt in PROMPTS:
+    def run(prompt: str) -> Run:
         ids = tok(prompt, return_tensors="pt")
         ttft = gen(ids, 1)
         total = gen(ids, new)
-        runs.append({"ttft_s": ttft, "decode_s": total - ttft, "tokens": new - 1})
-    return summarize(runs)
+        return {"ttft_s": ttft, "decode_s": total - ttft, "tokens": new - 1}
+
+    return run
 
 
-def bench_llama_cpp(new: int, threads: int) -> dict[str, Any]:
+def llama_cpp_runner(new: int, threads: int) -> Callable[[str], Run]:
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
     from llmtool.loading import smollm2_path
@@ -149,11 +153,14 @@ def bench_llama_cpp(new: int, threads: int) -> dict[str, Any]:
         seed=0,
     )
 
-    def gen(prompt: str, n: int) -> dict[str, float]:
+    def run(prompt: str) -> Run:
         t = time.perf_counter()
         first = None
         count = 0
-        for _ in llm.create_completion(prompt, max_tokens=n, temperature=0.0, top_k=1, stream=True):
+        stream = llm.create_completion(
+            prompt, max_tokens=new, temperature=0.0, top_k=1, stream=True
+        )
+        for _ in stream:
             count += 1
             if first is None:
                 first = time.perf_counter() - t
@@ -161,9 +168,60 @@ def bench_llama_cpp(new: int, threads: int) -> dict[str, Any]:
         assert first is not None
         return {"ttft_s": first, "decode_s": total - first, "tokens": count - 1}
 
-    gen(PROMPTS[0], 8)
-    runs = [gen(p, new) for p in PROMPTS]
-    return summarize(runs)
+    return run
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The results as a Markdown page (written next to the JSON)."""
+    env, proto = report["environment"], report["protocol"]
+    lines = [
+        "# CPU generation: SmolLM2-135M-Instruct, batch 1, greedy",
+        "",
+        f"{proto['new_tokens']} new tokens per prompt, {len(proto['prompts'])} prompts, "
+        f"{env['threads']} threads for every engine, {proto['statistic']}. "
+        "Perplexity: " + proto.get("perplexity_data", "not measured") + " (max length 512, "
+        "stride 256); ΔPPL and KL: the export's own fidelity check against the fp32 PyTorch "
+        "model, from llmtool.json.",
+        "",
+        "| engine | decode tok/s | vs transformers | vs llama.cpp | TTFT ms | ONNX MB "
+        "| WikiText-2 ppl | ΔPPL (calibration) | KL mean |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        fid = r.get("fidelity", {})
+        ppl = r.get("perplexity", {}).get("perplexity")
+        cells = [
+            name,
+            f"{r['decode_tokens_per_s']:.1f}",
+            f"{r['vs_transformers']:.2f}x" if "vs_transformers" in r else "",
+            f"{r['vs_llama_cpp']:.2f}x" if "vs_llama_cpp" in r else "",
+            f"{r['ttft_ms']:.0f}",
+            f"{r['onnx_bytes'] / 1e6:.0f}" if "onnx_bytes" in r else "",
+            f"{ppl:.2f}" if ppl else "",
+            f"{100 * fid['relative_delta_perplexity']:+.2f}%" if fid else "",
+            f"{fid['kl_divergence']['mean']:.4f}" if fid else "",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for name, err in report["errors"].items():
+        lines.append(f"| {name} | failed: {err[:120]} | | | | | | | |")
+    versions = ", ".join(
+        f"{k} {env[k]}"
+        for k in ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "llama_cpp_python")
+        if k in env
+    )
+    lines += [
+        "",
+        f"Machine: {env.get('cpu', env['machine'])}, {env['cpu_count']} cores; Python "
+        f"{env['python']}; {versions}; run {env['date']}.",
+        "",
+        "Produced by:",
+        "",
+        "```bash",
+        f"python {report['command'].split(' ', 1)[1]}",
+        "```",
+        "",
+    ]
+    return "\n".join(lines)
 
 
 def main() -> None:
@@ -200,7 +258,8 @@ def main() -> None:
             "new_tokens": args.new_tokens,
             "decoding": "greedy",
             "prompts": PROMPTS,
-            "statistic": "median over prompts after one warm-up",
+            "statistic": f"median over {REPEATS} round-robin rounds of every prompt, after "
+            "one warm-up",
         },
         "environment": environment(args.threads),
         "results": {},
@@ -216,14 +275,17 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2) + "\n")
 
+    # Phase 1, one engine at a time: export (with its validation and fidelity check) and
+    # perplexity for llmtool; loading for the peers.
+    runners: dict[str, Callable[[str], Run]] = {}
     for engine in engines:
-        log(engine)
+        log(f"preparing {engine}")
         try:
+            entry: dict[str, Any] = {}
             if engine in EXPORTS:
                 path = work / engine
                 t = time.perf_counter()
                 result = export_model("smollm2", path, force=True, **EXPORTS[engine])
-                entry = bench_llmtool(path, args.new_tokens, args.threads)
                 entry["export_s"] = time.perf_counter() - t
                 entry["onnx_bytes"] = sum(f["bytes"] for f in result.manifest["files"].values())
                 for key in ("quantization", "fidelity"):
@@ -238,20 +300,34 @@ def main() -> None:
                         session_options=SessionOptions(intra_op_threads=args.threads),
                     )
                     entry["perplexity"] = ppl.to_dict()
+                runners[engine] = llmtool_runner(path, args.new_tokens, args.threads)
             elif engine == "transformers":
-                entry = bench_transformers(args.new_tokens, args.threads)
+                runners[engine] = transformers_runner(args.new_tokens, args.threads)
             elif engine == "llama.cpp":
-                entry = bench_llama_cpp(args.new_tokens, args.threads)
+                runners[engine] = llama_cpp_runner(args.new_tokens, args.threads)
             else:
                 raise ValueError(f"unknown engine {engine}")
+            runners[engine](PROMPTS[0])  # warm-up
         except Exception as e:  # an engine that fails is recorded; the run goes on
             report["errors"][engine] = f"{type(e).__name__}: {e}"[:500]
             log(f"  failed: {report['errors'][engine]}")
+            runners.pop(engine, None)
             save()
             continue
         report["results"][engine] = entry
-        log(f"  {entry['decode_tokens_per_s']:.1f} tok/s")
         save()
+
+    # Phase 2, timed: round robin over the engines, prompt by prompt, so that whatever else
+    # the (shared) machine does at a given moment is spread over every engine alike.
+    runs: dict[str, list[Run]] = {engine: [] for engine in runners}
+    for repeat in range(REPEATS):
+        log(f"timed round {repeat + 1} of {REPEATS}")
+        for prompt in PROMPTS:
+            for engine, run in runners.items():
+                runs[engine].append(run(prompt))
+    for engine, engine_runs in runs.items():
+        report["results"][engine].update(summarize(engine_runs))
+        log(f"  {engine}: {report['results'][engine]['decode_tokens_per_s']:.1f} tok/s")
     base = report["results"].get("transformers", {}).get("decode_tokens_per_s")
     peer = report["results"].get("llama.cpp", {}).get("decode_tokens_per_s")
     for entry in report["results"].values():
@@ -260,7 +336,8 @@ def main() -> None:
         if peer:
             entry["vs_llama_cpp"] = entry["decode_tokens_per_s"] / peer
     save()
-    log(f"wrote {args.out}")
+    args.out.with_suffix(".md").write_text(markdown(report))
+    log(f"wrote {args.out} and {args.out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":

@@ -56,6 +56,19 @@ def _fail(message: str, code: int) -> None:
     raise typer.Exit(code)
 
 
+# ONNX Runtime session options shared by `generate` and `eval`.
+GRAPH_OPTIMIZATION_OPTION: Any = typer.Option(
+    defaults.ORT_GRAPH_OPTIMIZATION,
+    "--graph-optimization",
+    help="ONNX Runtime graph optimizations: all, extended, basic or disable.",
+)
+CPU_ARENA_OPTION: Any = typer.Option(
+    defaults.ORT_CPU_ARENA,
+    "--cpu-arena/--no-cpu-arena",
+    help="ONNX Runtime's CPU memory arena (reuses buffers across steps).",
+)
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one line on stderr and an exit code."""
 
@@ -74,8 +87,10 @@ def handle_errors(func: F) -> F:
         except KeyboardInterrupt:
             _fail("Interrupted; nothing was left half-written.", 130)
         except Exception as e:
-            from llmtool.errors import classify
+            from llmtool.errors import classify, interrupted
 
+            if interrupted():  # e.g. an ImportError made of a Ctrl-C inside a C extension
+                _fail("Interrupted; nothing was left half-written.", 130)
             if _state["debug"]:
                 raise
             known = classify(e)
@@ -117,7 +132,10 @@ def export_cmd(
     ),
     block_size: int = typer.Option(defaults.QUANT_BLOCK_SIZE, help="int4 block length."),
     symmetric: bool = typer.Option(
-        True, "--symmetric/--asymmetric", help="int4 without / with zero points."
+        False,
+        "--symmetric/--asymmetric",
+        help="int4 grid: asymmetric stores each block as d*q+min exactly (Q4_1); symmetric is "
+        "smaller and faster, less exact.",
     ),
     calibration: Path | None = typer.Option(
         None, help="Text for the fidelity check of --quantize (default: the shipped sample)."
@@ -202,7 +220,11 @@ def generate_cmd(
     provider: str = typer.Option(
         defaults.PROVIDER, help="auto, cuda or cpu. cuda never falls back to CPU."
     ),
-    threads: int = typer.Option(0, help="ONNX Runtime intra-op threads (0: all cores)."),
+    threads: int = typer.Option(
+        defaults.ORT_THREADS, help="ONNX Runtime intra-op threads (0: one per core)."
+    ),
+    graph_optimization: str = GRAPH_OPTIMIZATION_OPTION,
+    cpu_arena: bool = CPU_ARENA_OPTION,
     stream: bool = typer.Option(
         True, "--stream/--no-stream", help="Print text as it is generated."
     ),
@@ -223,7 +245,10 @@ def generate_cmd(
         strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
     )
     sampling.validate()
-    model = OnnxCausalLM(model_dir, provider, options=SessionOptions(intra_op_threads=threads))
+    session_options = SessionOptions(
+        intra_op_threads=threads, graph_optimization=graph_optimization, cpu_arena=cpu_arena
+    )
+    model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(f"[dim]Running on {model.provider.upper()} ({model.directory.name})[/]")
     streaming = stream and not as_json and len(prompts) == 1
     if streaming:
@@ -308,8 +333,11 @@ def eval_cmd(
     ),
     provider: str = typer.Option(defaults.PROVIDER, help="auto, cuda or cpu."),
     threads: int = typer.Option(
-        0, help="Intra-op threads of ONNX Runtime and of the PyTorch models (0: all cores)."
+        defaults.ORT_THREADS,
+        help="Intra-op threads of ONNX Runtime and of the PyTorch models (0: one per core).",
     ),
+    graph_optimization: str = GRAPH_OPTIMIZATION_OPTION,
+    cpu_arena: bool = CPU_ARENA_OPTION,
     json_path: Path | None = typer.Option(
         None, "--json", help="Write the report as versioned JSON to this file."
     ),
@@ -369,6 +397,8 @@ def eval_cmd(
         backends=parse_backends(backend),
         provider=provider,
         threads=threads,
+        graph_optimization=graph_optimization,
+        cpu_arena=cpu_arena,
         allow_pickle=allow_pickle,
     )
     with Progress(console=err_console, transient=True) as progress:
@@ -508,6 +538,9 @@ def train_cmd(
 
 def main() -> None:
     """Console-script entry point."""
+    from llmtool.errors import watch_interrupts
+
+    watch_interrupts()
     app()
 
 

@@ -5,6 +5,31 @@ Library code raises these; only :mod:`llmtool.cli` decides how they are shown.
 
 from __future__ import annotations
 
+_interrupted = False
+
+
+def watch_interrupts() -> None:
+    """Remember Ctrl-C (SIGINT) before raising KeyboardInterrupt as Python does.
+
+    A KeyboardInterrupt that lands inside the import of a C extension comes out as an
+    ImportError, and code that tolerates ImportError (optional dependencies) can swallow it; the
+    flag lets the CLI and :func:`llmtool.fsutil.atomic_directory` see the interrupt anyway.
+    Installed by the CLI (main thread only).
+    """
+    import signal
+
+    def on_sigint(signum: int, frame: object) -> None:
+        global _interrupted
+        _interrupted = True
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, on_sigint)
+
+
+def interrupted() -> bool:
+    """Whether Ctrl-C was pressed since :func:`watch_interrupts`."""
+    return _interrupted
+
 
 class LlmtoolError(Exception):
     """Base class: a failure the user can act on.

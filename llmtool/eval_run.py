@@ -43,6 +43,8 @@ class EvalOptions:
         provider: ``auto``, ``cuda`` or ``cpu``.
         threads: Intra-op threads of ONNX Runtime, and of PyTorch for a PyTorch reference and
             ``--backend pytorch`` (0: each library's default, all cores).
+        graph_optimization: ONNX Runtime's graph optimization level.
+        cpu_arena: ONNX Runtime's CPU memory arena.
         allow_pickle: Accept pickle weights for PyTorch models.
     """
 
@@ -60,7 +62,9 @@ class EvalOptions:
     repeats: int = defaults.THROUGHPUT_REPEATS
     backends: tuple[str, ...] = (defaults.THROUGHPUT_BACKEND,)
     provider: str = defaults.PROVIDER
-    threads: int = 0
+    threads: int = defaults.ORT_THREADS
+    graph_optimization: str = defaults.ORT_GRAPH_OPTIMIZATION
+    cpu_arena: bool = defaults.ORT_CPU_ARENA
     allow_pickle: bool = False
 
 
@@ -172,7 +176,11 @@ def run_eval(
     _check_options(options)
     tolerance = tolerance or Tolerance()
     baseline_record = read_baseline(baseline) if baseline is not None else None
-    session_options = SessionOptions(intra_op_threads=options.threads)
+    session_options = SessionOptions(
+        intra_op_threads=options.threads,
+        graph_optimization=options.graph_optimization,
+        cpu_arena=options.cpu_arena,
+    )
     progress("Loading the export", 0, None)
     model = OnnxCausalLM(model_dir, options.provider, options=session_options)
 

@@ -10,7 +10,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
-from llmtool.errors import UsageError
+from llmtool.errors import UsageError, interrupted
 
 
 def check_output_dir(out: Path, *, force: bool, source: Path | None = None) -> None:
@@ -66,6 +66,8 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        if interrupted():  # a Ctrl-C that some library swallowed: still nothing replaced
+            raise KeyboardInterrupt
         if out.exists():
             if not force:
                 raise UsageError(
@@ -83,20 +85,8 @@ def atomic_directory(out: Path, *, force: bool) -> Iterator[Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file and an atomic rename."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file and an atomic rename."""
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:

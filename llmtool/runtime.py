@@ -55,11 +55,13 @@ class SessionOptions:
     Attributes:
         intra_op_threads: Threads inside one operator; 0 lets ORT use every physical core.
         graph_optimization: ``all``, ``extended``, ``basic`` or ``disable``.
+        cpu_arena: ONNX Runtime's CPU memory arena (buffers reused across runs).
         cuda_graph: Capture decode steps of fused exports as CUDA graphs (CUDA only).
     """
 
-    intra_op_threads: int = 0
-    graph_optimization: str = "all"
+    intra_op_threads: int = defaults.ORT_THREADS
+    graph_optimization: str = defaults.ORT_GRAPH_OPTIMIZATION
+    cpu_arena: bool = defaults.ORT_CPU_ARENA
     cuda_graph: bool = True
 
 
@@ -88,8 +90,18 @@ def create_session(
     if provider not in PROVIDERS:
         raise UsageError(f"Unknown provider {provider!r}", f"use one of {', '.join(PROVIDERS)}.")
     options = options or SessionOptions()
+    if options.graph_optimization not in defaults.ORT_GRAPH_OPTIMIZATIONS:
+        raise UsageError(
+            f"Unknown graph optimization level {options.graph_optimization!r}",
+            f"use one of {', '.join(defaults.ORT_GRAPH_OPTIMIZATIONS)}.",
+        )
+    if options.intra_op_threads < 0:
+        raise UsageError(
+            f"--threads must be 0 (one per core) or more, got {options.intra_op_threads}"
+        )
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads
+    so.enable_cpu_mem_arena = options.cpu_arena
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

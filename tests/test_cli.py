@@ -36,6 +36,15 @@ def test_export_json(tiny_export, tmp_path):
     assert data["validation"]["passed"] and data["out"] == str((tmp_path / "o").resolve())
 
 
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_export_quantized_prints_fidelity(tiny_llama_export, tmp_path, mode):
+    result = invoke("export", tiny_llama_export[0], "--out", tmp_path / "q", "--quantize", mode)
+    assert result.exit_code == 0, result.output
+    assert f"{mode} ΔPPL vs fp32" in result.stdout and "top-1 agreement" in result.stdout
+    manifest = json.loads((tmp_path / "q" / "llmtool.json").read_text())
+    assert manifest["fidelity"]["passed"] and manifest["quantization"]["mode"] == mode
+
+
 def test_export_refuses_existing_dir(tiny_export):
     hf, out, _ = tiny_export
     result = invoke("export", hf, "--out", out)
@@ -102,6 +111,8 @@ def test_generate_streams_single_prompt(tiny_export):
         (["--temperature", "0", "--strategy", "top-k"], "temperature"),
         (["--max-new-tokens", "-1"], "max-new-tokens"),
         (["--provider", "tpu"], "provider"),
+        (["--graph-optimization", "max"], "graph optimization level"),
+        (["--threads", "-2"], "--threads"),
     ],
 )
 def test_generate_bad_options_exit_2(tiny_export, args, message):
@@ -109,6 +120,18 @@ def test_generate_bad_options_exit_2(tiny_export, args, message):
     result = invoke("generate", out, "-p", "hi", *args)
     assert result.exit_code == 2, result.output
     assert message in result.stderr
+
+
+def test_generate_session_options_keep_the_output(tiny_export):
+    """Session settings change speed, never tokens."""
+    _, out, _ = tiny_export
+    base = ["generate", out, "-p", "The keeper", "--max-new-tokens", "6", "--json"]
+    texts = set()
+    for extra in ([], ["--graph-optimization", "disable", "--no-cpu-arena", "--threads", "1"]):
+        result = invoke(*base, *extra)
+        assert result.exit_code == 0, result.output
+        texts.add(json.loads(result.stdout)["outputs"][0]["text"])
+    assert len(texts) == 1
 
 
 def test_generate_without_prompt(tiny_export):

@@ -23,8 +23,8 @@ def io_types(path):
 
 @pytest.fixture(
     scope="module",
-    params=[("int4", False), ("int8", False), ("int4", True)],
-    ids=["int4", "int8", "int4-fused"],
+    params=[("int4", False), ("int8", False), ("int4", True), ("int8", True)],
+    ids=["int4", "int8", "int4-fused", "int8-fused"],
 )
 def quantized(request, tiny_llama_export, tmp_path_factory):
     mode, fused = request.param
@@ -48,8 +48,20 @@ def test_fidelity_recorded_and_within_threshold(quantized):
 
 def test_quantized_ops_present(quantized):
     mode, _, _, _, result = quantized
-    ops = {n.op_type for n in onnx.load(str(result.out / "model.onnx")).graph.node}
-    assert ("MatMulNBits" if mode == "int4" else "MatMulInteger") in ops
+    graph = onnx.load(str(result.out / "model.onnx")).graph
+    nodes, weights = graph.node, {i.name for i in graph.initializer}
+    # Every linear layer is quantized: no float MatMul / Gemm reads a weight any more.
+    assert not [n for n in nodes if n.op_type in ("MatMul", "Gemm") and n.input[1] in weights]
+    bits = [
+        next(a.i for a in n.attribute if a.name == "bits")
+        for n in nodes
+        if n.op_type == "MatMulNBits"
+    ]
+    layers = result.manifest["num_layers"]
+    if mode == "int4":  # 4 linear layers per block (q/k/v fused or not); the head at 8 bits
+        assert bits.count(8) == 1 and bits.count(4) >= 4 * layers
+    else:
+        assert set(bits) == {8} and len(bits) >= 4 * layers + 1
     assert result.manifest["files"]["model.onnx"]["bytes"] < 0.6 * (
         result.manifest["parameters"] * 4 + (result.manifest["vocab_size"] * 64 * 4)
     )
@@ -105,9 +117,11 @@ def test_head_matmul_graph_equals_gemm_graph(tiny_llama_export):
     w = extract(loaded.model)
     import onnxruntime as ort
 
+    from llmtool.export.decoder import WeightFormat
+
     outs = []
     for head_matmul in (False, True):
-        g, io = build_decoder_graph(w, "fp32", 17, head_matmul)
+        g, io = build_decoder_graph(w, "fp32", 17, WeightFormat(head_matmul=head_matmul))
         sess = ort.InferenceSession(
             g.to_model("t", "0").SerializeToString(), providers=["CPUExecutionProvider"]
         )
@@ -122,3 +136,38 @@ def test_head_matmul_graph_equals_gemm_graph(tiny_llama_export):
         outs.append(sess.run(["logits"], feeds)[0])
     np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
     del torch
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_int4_blocks_reproduce_a_q4_1_grid(symmetric):
+    """Weights already on a Q4_1 grid (d * q + min per block of 32) come back when asymmetric:
+    the integer zero point plus the per-block correction cancel the rounding (up to the 4-bit
+    rounding of the correction itself, d / 30)."""
+    import onnxruntime as ort
+
+    from llmtool.export.graph import GraphBuilder
+    from llmtool.export.quantize import int4_matmul
+
+    rng = np.random.default_rng(0)
+    k, n, bs = 96, 40, 32
+    d = rng.uniform(0.01, 0.1, size=(k // bs, n)).astype(np.float32)
+    # Blocks that span zero, as trained weights do: the zero point round(-min / d) is in 0..15.
+    low = (-d * rng.uniform(0, 15, size=(k // bs, n))).astype(np.float32)
+    q = rng.integers(0, 16, size=(k, n))
+    q[0::bs], q[1::bs] = 0, 15  # every block spans the whole code range, as Q4_1 blocks do
+    w = (np.repeat(d, bs, axis=0) * q + np.repeat(low, bs, axis=0)).astype(np.float32)
+    g = GraphBuilder(17)
+    g.add_input("x", onnx.TensorProto.FLOAT, ["b", "s", k])
+    y = int4_matmul(g, "x", "lin", w, bs, symmetric)
+    g.add_output(y, "y", onnx.TensorProto.FLOAT, ["b", "s", n])
+    session = ort.InferenceSession(
+        g.to_model("t", "0").SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    x = rng.normal(size=(2, 3, k)).astype(np.float32)
+    got = session.run(["y"], {"x": x})[0]
+    error = np.abs(got - x @ w).max() / np.abs(x @ w).max()
+    if symmetric:
+        assert error > 2e-2  # a fresh symmetric grid: rounding error, not exact
+        assert error < 0.1
+    else:
+        assert error < 1e-2  # int8 activations (accuracy level 4) are the only rounding left

@@ -216,6 +216,26 @@ def test_resume_reaches_the_same_losses(tmp_path, monkeypatch, arch):
     ]
 
 
+def test_run_stopped_before_first_checkpoint_can_start_over(tmp_path):
+    """Ctrl-C before any checkpoint leaves the tokenizer only: no --force needed to start again,
+    while a directory that is not a training run is still refused."""
+
+    def stop(progress):
+        raise KeyboardInterrupt
+
+    out = tmp_path / "run"
+    with pytest.raises(KeyboardInterrupt):
+        train(out, steps=4, on_step=stop)
+    assert (out / "tokenizer.json").is_file() and not (out / "checkpoints").exists()
+    assert train(out, steps=2).metrics["steps"] == 2
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    with pytest.raises(UsageError, match="already exists"):
+        train(other, steps=2)
+    assert (other / "keep.txt").read_text() == "mine"
+
+
 def test_resume_refusals(tmp_path, trained):
     with pytest.raises(UsageError, match="No checkpoint"):
         train_model(SAMPLE_TEXT, tmp_path / "fresh", resume=True)
@@ -305,6 +325,17 @@ def test_recurrent_export_io(trained, arch):
     graph = onnx.load(str(exported.out / "model.onnx"))
     onnx.checker.check_model(graph)
     assert [n.op_type for n in graph.graph.node].count("Scan") == m["num_layers"]
+
+    def used(g):  # value names read by the nodes of a graph and of its subgraphs
+        names = set()
+        for node in g.node:
+            names.update(node.input)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    names |= used(attr.g)
+        return names
+
+    assert {i.name for i in graph.graph.initializer} <= used(graph.graph)
 
 
 @pytest.mark.parametrize("arch", ["lstm", "rnn"])

@@ -9,11 +9,11 @@ registers its own builder here.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from llmtool.errors import UsageError
-from llmtool.export.decoder import GraphIO
+from llmtool.export.decoder import GraphIO, WeightFormat
 from llmtool.export.graph import GraphBuilder
 
 
@@ -39,11 +39,11 @@ class GraphOptions:
 
     Attributes:
         fused: ONNX Runtime's contrib-op layout (see :mod:`llmtool.export.fused`).
-        head_matmul: The LM head as its own [hidden, vocab] MatMul, so quantizers reach it.
+        weights: How linear weights are stored (float, or int4 blocks with an untied head).
     """
 
     fused: bool = False
-    head_matmul: bool = False
+    weights: WeightFormat = field(default_factory=WeightFormat)
 
 
 Builder = Callable[[Any, str, int, GraphOptions], BuiltGraph]
@@ -57,7 +57,7 @@ def build_transformer(model: Any, dtype: str, opset: int, options: GraphOptions)
 
     w = extract(model)
     build = build_fused_graph if options.fused else build_decoder_graph
-    graph, io = build(w, dtype, opset, options.head_matmul)
+    graph, io = build(w, dtype, opset, options.weights)
     meta = {
         "architecture": w.arch,
         "model_type": w.model_type,

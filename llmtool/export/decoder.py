@@ -58,13 +58,31 @@ def cache_entries(
     return entries
 
 
+@dataclass(frozen=True)
+class WeightFormat:
+    """How linear-layer weights are stored in the graph.
+
+    Attributes:
+        quantize: None (the export dtype), ``int8`` or ``int4`` blocks (``MatMulNBits``), see
+            :mod:`llmtool.export.quantize`.
+        block_size: Quantization block length along the input dimension.
+        symmetric: int4 without zero points (faster, less exact).
+        head_matmul: The LM head as its own [E, V] MatMul instead of a Gemm on the embedding,
+            so it can be quantized (set for every quantized export).
+    """
+
+    quantize: str | None = None
+    block_size: int = 32
+    symmetric: bool = False
+    head_matmul: bool = False
+
+
 class _DecoderGraph:
     def __init__(
-        self, w: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+        self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
     ) -> None:
         self.w = w
-        # A separate [E, V] MatMul head (instead of Gemm on the embedding), so quantizers see it.
-        self.head_matmul = head_matmul
+        self.fmt = fmt or WeightFormat()
         self.dtype = dtype
         self.np_float, self.onnx_float = FLOAT_TYPES[dtype]
         self.g = GraphBuilder(opset, name=f"llmtool_{w.model_type}")
@@ -82,9 +100,21 @@ class _DecoderGraph:
     def to_model_float(self, x: str) -> str:
         return x if self.dtype == "fp32" else self.g.op("Cast", [x], to=self.onnx_float)
 
-    def linear(self, x: str, w: str, b: str | None) -> str:
-        y = self.g.op("MatMul", [x, w])
-        return self.g.op("Add", [y, b]) if b else y
+    def linear(
+        self, x: str, name: str, w: np.ndarray, b: np.ndarray | None = None, head: bool = False
+    ) -> str:
+        """x @ w (+ b) for w [in, out], stored as :attr:`fmt` says (int4 heads get 8 bits)."""
+        if self.fmt.quantize:
+            from llmtool.export.quantize import int4_matmul, int8_matmul
+
+            if self.fmt.quantize == "int8" or head:
+                y = int8_matmul(self.g, x, name, w, self.fmt.block_size)
+            else:
+                y = int4_matmul(self.g, x, name, w, self.fmt.block_size, self.fmt.symmetric)
+        else:
+            y = self.g.op("MatMul", [x, self.weight(f"{name}.weight", w)])
+        bias = self.optional_weight(f"{name}.bias", b)
+        return self.g.op("Add", [y, bias]) if bias else y
 
     def norm(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
         g = self.g
@@ -190,13 +220,13 @@ class _DecoderGraph:
     def lm_head(self, h: str, embed: str) -> str:
         """[B, S, E] normalized hidden states to float32 logits [B, S, V]."""
         g, w = self.g, self.w
-        head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
-        if self.head_matmul:
+        if self.fmt.head_matmul:
             table_t = np.ascontiguousarray((w.lm_head if w.lm_head is not None else w.embed).T)
-            logits = self.linear(h, self.weight("lm_head.weight_t", table_t), head_b)  # [B, S, V]
+            logits = self.linear(h, "lm_head", table_t, w.lm_head_b, head=True)  # [B, S, V]
             if self.dtype == "fp32":
                 return g.op("Identity", [logits], names=["logits"])
             return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
+        head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
         table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
         # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
         flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
@@ -232,8 +262,7 @@ class _DecoderGraph:
         g, w = self.g, self.w
         heads, kv_heads, d = w.num_heads, w.num_kv_heads, w.head_dim
         x = self.norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
-        qkv_w = self.weight(f"layers.{i}.attn.qkv.weight", lw.qkv_w)
-        qkv = self.linear(x, qkv_w, self.optional_weight(f"layers.{i}.attn.qkv.bias", lw.qkv_b))
+        qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
         q, k, v = g.split_last(qkv, [heads * d, kv_heads * d, kv_heads * d])
         # [B, S, n*D] -> [B, n, S, D]
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, heads, d])])], perm=[0, 2, 1, 3])
@@ -255,26 +284,10 @@ class _DecoderGraph:
             v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
         )
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
-        o_w = self.weight(f"layers.{i}.attn.o.weight", lw.o_w)
-        h = g.op(
-            "Add",
-            [h, self.linear(ctx, o_w, self.optional_weight(f"layers.{i}.attn.o.bias", lw.o_b))],
-        )
+        h = g.op("Add", [h, self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)])
         x = self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
-        up_w = self.weight(f"layers.{i}.mlp.up.weight", lw.up_w)
-        down_w = self.weight(f"layers.{i}.mlp.down.weight", lw.down_w)
-        a = self.activation(
-            self.linear(x, up_w, self.optional_weight(f"layers.{i}.mlp.up.bias", lw.up_b))
-        )
-        return g.op(
-            "Add",
-            [
-                h,
-                self.linear(
-                    a, down_w, self.optional_weight(f"layers.{i}.mlp.down.bias", lw.down_b)
-                ),
-            ],
-        )
+        a = self.activation(self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b))
+        return g.op("Add", [h, self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)])
 
     def rotate(self, x: str, rope: tuple[str, str]) -> str:
         """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1]."""
@@ -310,7 +323,7 @@ class _DecoderGraph:
 
 
 def build_decoder_graph(
-    weights: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+    weights: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
 ) -> tuple[GraphBuilder, GraphIO]:
     """Build the KV-cache decoder graph for ``weights``.
 
@@ -318,6 +331,6 @@ def build_decoder_graph(
         weights: The model in neutral form (see :mod:`llmtool.export.architectures`).
         dtype: ``fp32`` or ``fp16`` for weights, activations and cache.
         opset: ONNX default-domain opset (17 or newer).
-        head_matmul: Emit the LM head as its own [E, V] MatMul (for quantization).
+        fmt: How linear weights are stored (float by default; int4 blocks when quantizing).
     """
-    return _DecoderGraph(weights, dtype, opset, head_matmul).build()
+    return _DecoderGraph(weights, dtype, opset, fmt).build()

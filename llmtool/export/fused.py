@@ -29,7 +29,7 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from llmtool.export.architectures import DecoderWeights, LayerWeights
-from llmtool.export.decoder import GraphIO, _DecoderGraph
+from llmtool.export.decoder import GraphIO, WeightFormat, _DecoderGraph
 from llmtool.export.graph import GraphBuilder
 
 MS = "com.microsoft"
@@ -39,9 +39,9 @@ class _FusedDecoderGraph(_DecoderGraph):
     layout = "fused"
 
     def __init__(
-        self, w: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+        self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
     ) -> None:
-        super().__init__(w, dtype, opset, head_matmul)
+        super().__init__(w, dtype, opset, fmt)
         if w.head_dim % 16 and w.rope_cos is not None:
             raise ValueError("GroupQueryAttention with rotary needs head_dim divisible by 16")
 
@@ -139,11 +139,7 @@ class _FusedDecoderGraph(_DecoderGraph):
     ) -> tuple[str, str]:
         g, w = self.g, self.w
         x, residual = self.norm_op(residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
-        qkv = self.linear(
-            x,
-            self.weight(f"layers.{i}.attn.qkv.weight", lw.qkv_w),
-            self.optional_weight(f"layers.{i}.attn.qkv.bias", lw.qkv_b),
-        )
+        qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
         rotary = w.rope_cos is not None
         window = w.sliding_window or 0
         attn = g.op(
@@ -170,22 +166,10 @@ class _FusedDecoderGraph(_DecoderGraph):
         present_shape: list[int | str] = ["batch", w.num_kv_heads, "total_sequence", w.head_dim]
         g.add_output(f"present.{i}.key", f"present.{i}.key", self.onnx_float, present_shape)
         g.add_output(f"present.{i}.value", f"present.{i}.value", self.onnx_float, present_shape)
-        o = self.linear(
-            attn,
-            self.weight(f"layers.{i}.attn.o.weight", lw.o_w),
-            self.optional_weight(f"layers.{i}.attn.o.bias", lw.o_b),
-        )
+        o = self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
         x, residual = self.norm_op(residual, o, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
-        up = self.linear(
-            x,
-            self.weight(f"layers.{i}.mlp.up.weight", lw.up_w),
-            self.optional_weight(f"layers.{i}.mlp.up.bias", lw.up_b),
-        )
-        mlp = self.linear(
-            self.activation(up),
-            self.weight(f"layers.{i}.mlp.down.weight", lw.down_w),
-            self.optional_weight(f"layers.{i}.mlp.down.bias", lw.down_b),
-        )
+        up = self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b)
+        mlp = self.linear(self.activation(up), f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
         return residual, mlp
 
     def activation(self, h: str) -> str:
@@ -199,7 +183,7 @@ def _int64_tensor(value: int) -> TensorProto:
 
 
 def build_fused_graph(
-    weights: DecoderWeights, dtype: str, opset: int, head_matmul: bool = False
+    weights: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
 ) -> tuple[GraphBuilder, GraphIO]:
     """Build the fused (contrib-op) decoder graph for ``weights``; see the module docstring."""
-    return _FusedDecoderGraph(weights, dtype, opset, head_matmul).build()
+    return _FusedDecoderGraph(weights, dtype, opset, fmt).build()

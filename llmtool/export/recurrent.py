@@ -68,7 +68,6 @@ class _RecurrentGraph:
         """
         lstm = self.config.cell == "lstm"
         names = self.config.state_names
-        gate_sizes = self.g.const([self.config.hidden_size] * 4)
         body = GraphBuilder(self.g.opset, name=f"layer{layer}_step")
         prefix = f"layer{layer}/step"
         old = {n: f"{prefix}/{n}_in" for n in names}
@@ -86,7 +85,8 @@ class _RecurrentGraph:
             gates = body.op("Add", [x_t, body.op("MatMul", [old["h"], recurrent_w])])  # [B, 4H]
             if lstm:
                 # PyTorch's gate order: input, forget, cell, output.
-                i, f, g, o = body.op("Split", [gates, gate_sizes], outputs=4, axis=-1)
+                sizes = self.g.const([self.config.hidden_size] * 4)  # an outer-graph constant
+                i, f, g, o = body.op("Split", [gates, sizes], outputs=4, axis=-1)
                 c = body.op(
                     "Add",
                     [

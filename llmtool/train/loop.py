@@ -53,6 +53,9 @@ STATE_JSON = "trainer_state.json"
 STATE_PT = "trainer_state.pt"
 WEIGHTS = "model.safetensors"
 METRICS = "train_metrics.json"
+# Written first into a new --out: a run stopped before its first checkpoint leaves only this and
+# the tokenizer, and the next run may start that directory over without --force.
+STARTED = ".llmtool-train"
 CHECKPOINT_FORMAT = 1
 DEVICES = ("auto", "cpu", "cuda")
 
@@ -532,7 +535,8 @@ def train_model(
                 f"{out} holds a training run already",
                 "pass --resume to continue it, --force to start over, or pick another --out.",
             )
-        check_output_dir(out, force=force)
+        if not (out / STARTED).is_file() or latest_checkpoint(out) is not None:
+            check_output_dir(out, force=force)
         options = resolve_options(given, None)
     dev = resolve_device(device)
     amp = autocast_dtype(dev)
@@ -557,6 +561,7 @@ def train_model(
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
+        (out / STARTED).write_text("llmtool train output; no checkpoint yet\n")
         tok.save_pretrained(out)
 
     stage(f"Building the {options.arch} model")
