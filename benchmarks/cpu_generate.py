@@ -324,6 +324,7 @@ def main() -> None:
         log(f"timed round {repeat + 1} of {REPEATS}")
         for prompt in PROMPTS:
             for engine, run in runners.items():
+                time.sleep(0.2)  # the previous engine's spinning worker threads go idle first
                 runs[engine].append(run(prompt))
     for engine, engine_runs in runs.items():
         report["results"][engine].update(summarize(engine_runs))

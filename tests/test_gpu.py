@@ -139,3 +139,25 @@ def test_device_memory_flat_over_500_generations(fused_fp16):
     assert before is not None and after is not None
     print(f"device memory {before / 2**20:.0f} MiB -> {after / 2**20:.0f} MiB over 500 generations")
     assert after - before <= 64 * 2**20
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_export_runs_on_cuda_as_on_cpu(tiny_llama_export, tmp_path, mode):
+    """A CPU-oriented quantized export (MatMulNBits, int4's extra correction features) also
+    runs on CUDA, with the CPU's logits up to kernel rounding."""
+    hf, _ = tiny_llama_export
+    out = tmp_path / mode
+    export_model(hf, out, quantize=mode)  # the standard graph: every op has an fp32 CUDA kernel
+    rows = [[5, 17, 42, 99, 7, 3, 250, 11]]
+    logits = {}
+    for provider in ("cpu", "cuda"):
+        model = OnnxCausalLM(out, provider, options=SessionOptions(cuda_graph=False))
+        assert model.provider == provider
+        decoder = model.decoder(1, 64)
+        got = [decoder.prefill(rows).logits()[0].copy()]
+        for token in (4, 8, 15, 16):
+            got.append(decoder.step(np.array([token])).logits()[0].copy())
+        logits[provider] = np.stack(got)
+    scale = np.abs(logits["cpu"]).max()
+    assert np.abs(logits["cuda"] - logits["cpu"]).max() < 0.05 * scale
+    assert (logits["cuda"].argmax(-1) == logits["cpu"].argmax(-1)).mean() >= 0.8

@@ -322,6 +322,48 @@ def test_sigint_during_export_keeps_the_previous_output(tiny_llama_export, tmp_p
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+def test_sigint_during_train_keeps_the_checkpoint_and_resumes(tmp_path):
+    from conftest import SAMPLE_TEXT
+
+    out = tmp_path / "run"
+    args = [
+        "train",
+        "--data",
+        SAMPLE_TEXT,
+        "--out",
+        out,
+        "--preset",
+        "tiny",
+        "--device",
+        "cpu",
+        "--seq-len",
+        "32",
+        "--batch-size",
+        "2",
+        "--vocab-size",
+        "300",
+        "--eval-every",
+        "50",
+    ]
+    proc = _llmtool(*args, "--steps", "100000", "--checkpoint-every", "2")
+    latest = out / "checkpoints" / "latest"
+    deadline = time.time() + 120
+    while time.time() < deadline and not latest.is_file():
+        time.sleep(0.05)
+    assert latest.is_file(), "no checkpoint was written"
+    time.sleep(0.5)  # mid-run, most likely between or inside checkpoint writes
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    assert not [p for p in out.rglob("*") if ".tmp-" in p.name]  # no temp files left
+    checkpoint = out / "checkpoints" / latest.read_text().strip()
+    assert (checkpoint / "model.safetensors").is_file()
+    assert json.loads((checkpoint / "trainer_state.json").read_text())["step"] >= 2
+    assert not (out / "config.json").exists()  # no final model from an interrupted run
+    # (resuming reproduces an uninterrupted run: tests/test_train.py)
+
+
 def test_disk_full_gives_a_clear_error(tiny_llama_export, tmp_path):
     """A file-size limit makes writes fail as a full disk would (EFBIG instead of ENOSPC)."""
     import resource
