@@ -326,25 +326,8 @@ def test_sigint_during_train_keeps_the_checkpoint_and_resumes(tmp_path):
     from conftest import SAMPLE_TEXT
 
     out = tmp_path / "run"
-    args = [
-        "train",
-        "--data",
-        SAMPLE_TEXT,
-        "--out",
-        out,
-        "--preset",
-        "tiny",
-        "--device",
-        "cpu",
-        "--seq-len",
-        "32",
-        "--batch-size",
-        "2",
-        "--vocab-size",
-        "300",
-        "--eval-every",
-        "50",
-    ]
+    options = "--preset tiny --device cpu --seq-len 32 --batch-size 2 --vocab-size 300"
+    args = ["train", "--data", SAMPLE_TEXT, "--out", out, *options.split(), "--eval-every", "50"]
     proc = _llmtool(*args, "--steps", "100000", "--checkpoint-every", "2")
     latest = out / "checkpoints" / "latest"
     deadline = time.time() + 120
