@@ -56,12 +56,14 @@ class SessionOptions:
         intra_op_threads: Threads inside one operator; 0 lets ORT use every physical core.
         graph_optimization: ``all``, ``extended``, ``basic`` or ``disable``.
         cpu_arena: ONNX Runtime's CPU memory arena (buffers reused across runs).
+        dynamic_block_base: Work split of the intra-op thread pool (0: ONNX Runtime's default).
         cuda_graph: Capture decode steps of fused exports as CUDA graphs (CUDA only).
     """
 
     intra_op_threads: int = defaults.ORT_THREADS
     graph_optimization: str = defaults.ORT_GRAPH_OPTIMIZATION
     cpu_arena: bool = defaults.ORT_CPU_ARENA
+    dynamic_block_base: int = defaults.ORT_DYNAMIC_BLOCK_BASE
     cuda_graph: bool = True
 
 
@@ -102,6 +104,8 @@ def create_session(
     so = ort.SessionOptions()
     so.intra_op_num_threads = options.intra_op_threads
     so.enable_cpu_mem_arena = options.cpu_arena
+    if options.dynamic_block_base > 0:
+        so.add_session_config_entry("session.dynamic_block_base", str(options.dynamic_block_base))
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
