@@ -90,6 +90,49 @@ REPEATS = 3  # each prompt this many times per engine
 Run = dict[str, Any]  # ttft_s, decode_s, tokens (and text)
 
 
+def bandwidth_probe(weight_bytes: int, threads: int) -> dict[str, float]:
+    """Time one ONNX Runtime fp32 MatMul [1, 576] x [576, N] over ``weight_bytes`` of weights.
+
+    A batch-1 fp32 decode step reads every weight once, so 1 / this time bounds any fp32
+    engine's tok/s on this machine at this moment (it moves with other load on a shared host).
+    """
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    k = 576
+    n = weight_bytes // (4 * k)
+    w = np.random.default_rng(0).random((k, n), dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "probe",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, k])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, n])],
+        [numpy_helper.from_array(w, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "probe.onnx"
+        onnx.save(model, str(path), save_as_external_data=True)
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        x = np.ones((1, k), np.float32)
+        session.run(None, {"x": x})
+        times = []
+        for _ in range(20):
+            t = time.perf_counter()
+            session.run(None, {"x": x})
+            times.append(time.perf_counter() - t)
+    seconds = statistics.median(times)
+    return {
+        "gemv_ms": seconds * 1e3,
+        "gb_per_s": w.nbytes / seconds / 1e9,
+        "fp32_tok_s_bound": 1 / seconds,
+    }
+
+
 def llmtool_runner(path: Path, new: int, threads: int) -> Callable[[str], Run]:
     from llmtool.generate import generate
     from llmtool.runtime import OnnxCausalLM, SessionOptions
@@ -204,6 +247,16 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     for name, err in report["errors"].items():
         lines.append(f"| {name} | failed: {err[:120]} | | | | | | | |")
+    probe = env.get("memory_bandwidth_probe")
+    if probe:
+        gbs = [r["gb_per_s"] for r in probe["runs"]]
+        bound = [r["fp32_tok_s_bound"] for r in probe["runs"]]
+        lines += [
+            "",
+            f"Memory bandwidth probe (one fp32 MatMul over the fp32 weights, before / after the "
+            f"timed rounds): {gbs[0]:.1f} / {gbs[-1]:.1f} GB/s, so at most "
+            f"{bound[0]:.1f} / {bound[-1]:.1f} tok/s for any fp32 engine.",
+        ]
     versions = ", ".join(
         f"{k} {env[k]}"
         for k in ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "llama_cpp_python")
@@ -320,12 +373,19 @@ def main() -> None:
     # Phase 2, timed: round robin over the engines, prompt by prompt, so that whatever else
     # the (shared) machine does at a given moment is spread over every engine alike.
     runs: dict[str, list[Run]] = {engine: [] for engine in runners}
+    fp32_bytes = report["results"].get("llmtool-fp32", {}).get("onnx_bytes", 540_000_000)
+    probes = [bandwidth_probe(fp32_bytes, args.threads)]
     for repeat in range(REPEATS):
         log(f"timed round {repeat + 1} of {REPEATS}")
         for prompt in PROMPTS:
             for engine, run in runners.items():
                 time.sleep(0.2)  # the previous engine's spinning worker threads go idle first
                 runs[engine].append(run(prompt))
+    probes.append(bandwidth_probe(fp32_bytes, args.threads))
+    report["environment"]["memory_bandwidth_probe"] = {
+        "what": "one fp32 MatMul over the fp32 export's weight bytes, before and after the rounds",
+        "runs": probes,
+    }
     for engine, engine_runs in runs.items():
         report["results"][engine].update(summarize(engine_runs))
         log(f"  {engine}: {report['results'][engine]['decode_tokens_per_s']:.1f} tok/s")
