@@ -53,6 +53,8 @@ def log(msg: str) -> None:
 
 
 def environment(threads: int) -> dict[str, Any]:
+    from llmtool.hardware import cpu_name
+
     env: dict[str, Any] = {
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
@@ -60,11 +62,7 @@ def environment(threads: int) -> dict[str, Any]:
         "cpu_count": os.cpu_count(),
         "threads": threads,
     }
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                env["cpu"] = line.split(":", 1)[1].strip()
-                break
+    env["cpu"] = cpu_name()
     for dist in (
         "torch",
         "transformers",

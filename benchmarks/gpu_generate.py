@@ -80,24 +80,10 @@ SHAPES: dict[str, dict[str, Any]] = {
         tie_word_embeddings=True,
     ),
 }
-# Peak HBM bandwidth in bytes/s, by the name torch reports.
-PEAK_BANDWIDTH = {
-    "H100 80GB HBM3": 3.35e12,
-    "H100 PCIe": 2.0e12,
-    "H200": 4.8e12,
-    "A100-SXM4-80GB": 2.04e12,
-}
 
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def peak_bandwidth(name: str) -> float | None:
-    for key, value in PEAK_BANDWIDTH.items():
-        if key in name:
-            return value
-    return None
 
 
 def environment(device: str) -> dict[str, Any]:
@@ -135,7 +121,9 @@ def environment(device: str) -> dict[str, Any]:
             ).stdout.strip()
         except (OSError, subprocess.CalledProcessError):
             env["driver"] = None
-        env["peak_bandwidth_bytes_per_s"] = peak_bandwidth(env["gpu"])
+        from llmtool.hardware import gpu_peak_bandwidth
+
+        env["peak_bandwidth_bytes_per_s"] = gpu_peak_bandwidth(env["gpu"])
     return env
 
 

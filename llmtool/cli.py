@@ -127,10 +127,13 @@ def export_cmd(
     ),
     quantize: str | None = typer.Option(
         None,
-        help="int8 (dynamic) or int4 (weight-only, blockwise MatMulNBits); records and gates "
-        "fidelity to fp32 (ΔPPL, KL, top-1).",
+        help="int8 or int4 weight blocks (MatMulNBits, int8 activations per block); records and "
+        "gates fidelity to fp32 (ΔPPL, KL, top-1).",
     ),
-    block_size: int = typer.Option(defaults.QUANT_BLOCK_SIZE, help="int4 block length."),
+    block_size: int = typer.Option(
+        defaults.QUANT_BLOCK_SIZE,
+        help="Quantization block length along each weight's input dimension.",
+    ),
     symmetric: bool = typer.Option(
         False,
         "--symmetric/--asymmetric",

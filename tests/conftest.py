@@ -33,6 +33,18 @@ def tokenizer():
     return train_bpe_tokenizer([SAMPLE_TEXT.read_text(encoding="utf-8")], vocab_size=384)
 
 
+# The Llama-family shape of every tiny test model (Llama, Mistral, Qwen2).
+TINY_LLAMA_SHAPE = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 256,
+    "initializer_range": 0.1,
+}
+
+
 def build_tiny_model(arch: str, vocab_size: int, seed: int = 0):
     """A random tiny model; weights a little larger than the default init so greedy is not flat."""
     import torch
@@ -46,17 +58,7 @@ def build_tiny_model(arch: str, vocab_size: int, seed: int = 0):
         )
         model = GPT2LMHeadModel(config)
     else:
-        config = LlamaConfig(
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            initializer_range=0.1,
-            tie_word_embeddings=False,
-            **common,
-        )
+        config = LlamaConfig(**TINY_LLAMA_SHAPE, tie_word_embeddings=False, **common)
         model = LlamaForCausalLM(config)
     return model.eval()
 

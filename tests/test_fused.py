@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from conftest import TINY_LLAMA_SHAPE
 from llmtool.export import export_model
 from llmtool.generate import generate
 from llmtool.runtime import OnnxCausalLM
@@ -78,18 +79,7 @@ def test_other_llama_family(arch, fused, tokenizer, tmp_path):
     from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    common = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        initializer_range=0.1,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    common = dict(**TINY_LLAMA_SHAPE, vocab_size=len(tokenizer), bos_token_id=0, eos_token_id=0)
     if arch == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(**common))
         with torch.no_grad():  # random biases so they matter

@@ -70,6 +70,21 @@ def pack_nibbles(codes: np.ndarray) -> np.ndarray:
     return (codes[..., 0::2] | (codes[..., 1::2] << 4)).astype(np.uint8)
 
 
+def _blocks(w: np.ndarray, block_size: int) -> np.ndarray:
+    """w [K, N] as blocks [N, ceil(K / bs), bs] along K, the last one padded with zeros."""
+    k, n = w.shape
+    blocks = -(-k // block_size)
+    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
+    padded[:k] = w
+    return padded.T.reshape(n, blocks, block_size)
+
+
+def _scale(spread: np.ndarray, levels: float) -> np.ndarray:
+    """Per-block scale spread / levels; 1 for an all-zero block (any scale reproduces it)."""
+    scale = spread / levels
+    return np.where(scale == 0, 1.0, scale).astype(np.float32)
+
+
 def pack_int4(
     w: np.ndarray, block_size: int, symmetric: bool
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
@@ -80,19 +95,13 @@ def pack_int4(
         zero points [N, K/bs] uint8 (unpacked; None when symmetric), and the per-block
         residual R [K/bs, N] float32 that makes the asymmetric grid exact (None when symmetric).
     """
-    k, n = w.shape
-    blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
-    padded[:k] = w
-    wb = padded.T.reshape(n, blocks, block_size)  # [N, nb, bs]
+    wb = _blocks(w, block_size)  # [N, nb, bs]
     if symmetric:
-        scale = np.abs(wb).max(-1) / 7.0
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        scale = _scale(np.abs(wb).max(-1), 7.0)
         q = np.clip(np.round(wb / scale[..., None]) + 8, 0, 15).astype(np.uint8)
         return pack_nibbles(q), scale, None, None
     low, high = wb.min(-1), wb.max(-1)
-    scale = ((high - low) / 15.0).astype(np.float32)
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    scale = _scale(high - low, 15.0)
     q = np.clip(np.round((wb - low[..., None]) / scale[..., None]), 0, 15).astype(np.uint8)
     zp = np.clip(np.round(-low / scale), 0, 15).astype(np.uint8)  # [N, nb]
     residual = (low + scale * zp).astype(np.float32).T.copy()  # [nb, N]
@@ -105,19 +114,14 @@ def pack_int8(w: np.ndarray, block_size: int) -> tuple[np.ndarray, np.ndarray]:
     Returns:
         codes [N, K/bs, bs] uint8 and scales [N * K/bs] float32.
     """
-    k, n = w.shape
-    blocks = -(-k // block_size)
-    padded = np.zeros((blocks * block_size, n), dtype=np.float32)
-    padded[:k] = w
-    wb = padded.T.reshape(n, blocks, block_size)
-    scale = np.abs(wb).max(-1) / 127.0
-    scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+    wb = _blocks(w, block_size)  # [N, nb, bs]
+    scale = _scale(np.abs(wb).max(-1), 127.0)
     q = (np.clip(np.round(wb / scale[..., None]), -127, 127) + 128).astype(np.uint8)
     return q, scale.reshape(-1)
 
 
 def int8_matmul(g: Any, x: str, name: str, w: np.ndarray, block_size: int) -> str:
-    """Emit x @ w with w [K, N] as symmetric 8-bit blocks (used for the LM head of int4 exports)."""
+    """Emit x @ w with w [K, N] as symmetric 8-bit blocks (int8 exports, and int4's LM head)."""
     k, n = w.shape
     codes, scales = pack_int8(w, block_size)
     inputs = [x, g.weight(f"{name}.qweight", codes), g.weight(f"{name}.scales", scales)]
@@ -130,7 +134,7 @@ def int4_matmul(g: Any, x: str, name: str, w: np.ndarray, block_size: int, symme
     """Emit x @ w with w [K, N] as int4 blocks (and the exactness correction); see the module."""
     k, n = w.shape
     codes, scales, zp, residual = pack_int4(w, block_size, symmetric)
-    if residual is not None and k % block_size == 0:  # block sums need whole blocks of x
+    if residual is not None and k % block_size == 0:  # block means need whole blocks of x
         blocks = k // block_size
         # The correction rides along as extra input features: x [B, S, K] -> [B, S, K + K/bs].
         # Block means (one pooling op, read as [N=B, C=S, W=K]) with R scaled by bs, rather
