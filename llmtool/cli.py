@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -66,6 +67,12 @@ CPU_ARENA_OPTION: Any = typer.Option(
     defaults.ORT_CPU_ARENA,
     "--cpu-arena/--no-cpu-arena",
     help="ONNX Runtime's CPU memory arena (reuses buffers across steps).",
+)
+HUGE_PAGES_OPTION: Any = typer.Option(
+    defaults.ORT_HUGE_PAGES,
+    "--huge-pages/--no-huge-pages",
+    help="Move CPU weights onto 2 MB huge pages after loading (Linux): faster decoding, about "
+    "1 s per GB more at load.",
 )
 
 
@@ -228,6 +235,7 @@ def generate_cmd(
     ),
     graph_optimization: str = GRAPH_OPTIMIZATION_OPTION,
     cpu_arena: bool = CPU_ARENA_OPTION,
+    huge_pages: bool = HUGE_PAGES_OPTION,
     stream: bool = typer.Option(
         True, "--stream/--no-stream", help="Print text as it is generated."
     ),
@@ -249,7 +257,10 @@ def generate_cmd(
     )
     sampling.validate()
     session_options = SessionOptions(
-        intra_op_threads=threads, graph_optimization=graph_optimization, cpu_arena=cpu_arena
+        intra_op_threads=threads,
+        graph_optimization=graph_optimization,
+        cpu_arena=cpu_arena,
+        huge_pages=huge_pages,
     )
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(f"[dim]Running on {model.provider.upper()} ({model.directory.name})[/]")
@@ -341,6 +352,7 @@ def eval_cmd(
     ),
     graph_optimization: str = GRAPH_OPTIMIZATION_OPTION,
     cpu_arena: bool = CPU_ARENA_OPTION,
+    huge_pages: bool = HUGE_PAGES_OPTION,
     json_path: Path | None = typer.Option(
         None, "--json", help="Write the report as versioned JSON to this file."
     ),
@@ -402,6 +414,7 @@ def eval_cmd(
         threads=threads,
         graph_optimization=graph_optimization,
         cpu_arena=cpu_arena,
+        huge_pages=huge_pages,
         allow_pickle=allow_pickle,
     )
     with Progress(console=err_console, transient=True) as progress:
@@ -539,10 +552,34 @@ def train_cmd(
     console.print(train_table(result.metrics))
 
 
+MALLOC_HUGE_PAGE_COMMANDS = ("generate", "eval")  # the commands that run CPU sessions
+
+
+def _restart_with_huge_page_malloc(argv: list[str]) -> None:
+    """Start again, once, with glibc's malloc asking for huge pages (see llmtool.hugepages).
+
+    Only for commands that run ONNX Runtime sessions, before anything is loaded; never when
+    ``--no-huge-pages`` is given or where it cannot work.
+    """
+    command = next((a for a in argv[1:] if not a.startswith("-")), None)
+    if command not in MALLOC_HUGE_PAGE_COMMANDS or "--no-huge-pages" in argv or not sys.executable:
+        return
+    from llmtool.hugepages import malloc_env
+
+    env = malloc_env()
+    if env is not None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # The same interpreter options and script as this run (python -m llmtool, or the
+        # console script).
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def main() -> None:
     """Console-script entry point."""
     from llmtool.errors import watch_interrupts
 
+    _restart_with_huge_page_malloc(sys.argv)
     watch_interrupts()
     app()
 

@@ -45,6 +45,7 @@ class EvalOptions:
             ``--backend pytorch`` (0: each library's default, all cores).
         graph_optimization: ONNX Runtime's graph optimization level.
         cpu_arena: ONNX Runtime's CPU memory arena.
+        huge_pages: Move a CPU session's weights onto 2 MB huge pages once loaded.
         allow_pickle: Accept pickle weights for PyTorch models.
     """
 
@@ -65,6 +66,7 @@ class EvalOptions:
     threads: int = defaults.ORT_THREADS
     graph_optimization: str = defaults.ORT_GRAPH_OPTIMIZATION
     cpu_arena: bool = defaults.ORT_CPU_ARENA
+    huge_pages: bool = defaults.ORT_HUGE_PAGES
     allow_pickle: bool = False
 
 
@@ -180,6 +182,7 @@ def run_eval(
         intra_op_threads=options.threads,
         graph_optimization=options.graph_optimization,
         cpu_arena=options.cpu_arena,
+        huge_pages=options.huge_pages,
     )
     progress("Loading the export", 0, None)
     model = OnnxCausalLM(model_dir, options.provider, options=session_options)
@@ -208,6 +211,9 @@ def run_eval(
         "provider": options.provider,
         "execution_provider": model.provider,
         "threads": options.threads,
+        "graph_optimization": options.graph_optimization,
+        "cpu_arena": options.cpu_arena,
+        "huge_pages": model.huge_pages.to_dict(),
         "perplexity": None
         if corpus is None or protocol is None
         else {

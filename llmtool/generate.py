@@ -71,14 +71,16 @@ class GenerationResult:
     outputs: list[GeneratedText]
     timing: GenerationTiming
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    huge_pages: dict[str, Any] | None = None  # HugePageResult.to_dict() of the session
 
     def to_dict(self) -> dict[str, Any]:
-        """The ``--json`` form: provider, outputs and timing."""
+        """The ``--json`` form: provider, outputs, timing, sampling and the session's huge pages."""
         return {
             "provider": self.provider,
             "outputs": [asdict(o) for o in self.outputs],
             "timing": asdict(self.timing),
             "sampling": asdict(self.sampling),
+            "huge_pages": self.huge_pages,
         }
 
 
@@ -236,4 +238,6 @@ def generate(
         decode_tokens_per_s=decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,
         prompt_tokens=sum(len(r) for r in rows),
     )
-    return GenerationResult(model.provider, outputs, timing, sampling)
+    return GenerationResult(
+        model.provider, outputs, timing, sampling, huge_pages=model.huge_pages.to_dict()
+    )

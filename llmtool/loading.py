@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib.util
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -210,14 +211,40 @@ def _tokenizer_kwargs(spec: ModelSpec) -> dict[str, Any]:
     return {}
 
 
+# Tokenizer classes that are nothing but tokenizer.json plus tokenizer_config.json: loaded
+# directly, they skip AutoTokenizer's config lookup, which imports torch (seconds of CLI start-up).
+PLAIN_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _plain_tokenizer_class(spec: ModelSpec) -> Any:
+    """The tokenizer class to load ``spec`` with directly, or None to go through AutoTokenizer."""
+    if spec.kind == "gguf" or not (spec.path / "tokenizer.json").is_file():
+        return None
+    try:
+        config = json.loads((spec.path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    name = config.get("tokenizer_class") if isinstance(config, dict) else None
+    if name not in PLAIN_TOKENIZER_CLASSES:
+        return None
+    import transformers
+
+    return getattr(transformers, name, None)
+
+
 def load_tokenizer(spec: ModelSpec) -> Any:
     """Load the tokenizer of a spec, setting ``pad_token`` to EOS when it has none."""
-    from transformers import AutoTokenizer
-
     try:
-        if spec.kind == "gguf":
+        plain = _plain_tokenizer_class(spec)
+        if plain is not None:
+            tok = plain.from_pretrained(spec.path)
+        elif spec.kind == "gguf":
+            from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
         else:
+            from transformers import AutoTokenizer
+
             tok = AutoTokenizer.from_pretrained(
                 spec.path, trust_remote_code=False, **_tokenizer_kwargs(spec)
             )

