@@ -71,8 +71,7 @@ CPU_ARENA_OPTION: Any = typer.Option(
 HUGE_PAGES_OPTION: Any = typer.Option(
     defaults.ORT_HUGE_PAGES,
     "--huge-pages/--no-huge-pages",
-    help="Move CPU weights onto 2 MB huge pages after loading (Linux): faster decoding, about "
-    "1 s per GB more at load.",
+    help="Put CPU weights on 2 MB huge pages (Linux): about +10% fp32 decode speed.",
 )
 
 

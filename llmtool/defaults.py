@@ -29,8 +29,7 @@ PROVIDER = "auto"
 # the same buffers instead of allocating them again); the thread pool handing out work in
 # shrinking blocks (dynamic block base 4) rather than one fixed share per thread, which keeps
 # both cores busy to the end of each batch-1 MatMul (+6% fp32 decode on 2 cores; 0 = ORT's own);
-# a CPU session's weights moved onto 2 MB huge pages after loading (+10% fp32 decode, about
-# 1 s per GB at load; see llmtool/hugepages.py).
+# a CPU session's weights on 2 MB huge pages (+10% fp32 decode; see llmtool/hugepages.py).
 ORT_THREADS = 0
 ORT_DYNAMIC_BLOCK_BASE = 4
 ORT_GRAPH_OPTIMIZATION = "all"
