@@ -13,14 +13,16 @@ Two ways, the first preferred:
   for huge pages as it maps memory (glibc 2.35+): weights land on huge pages as they are read,
   at no cost (loading is even faster: fewer page faults). :func:`malloc_env` decides; the
   environment variable ``LLMTOOL_MALLOC_HUGE_PAGES=0`` or ``--no-huge-pages`` turns it off.
-* Elsewhere (the library in someone else's process), ``madvise(MADV_COLLAPSE)`` (Linux 6.1+) turns already-populated memory into huge pages
-synchronously, whatever the system-wide THP mode (unless it is ``never``). :func:`huge_pages_for`
-wraps the loading of a model: it first hands the C allocator's free memory back to the kernel,
-then collapses only the 2 MB chunks of anonymous memory that are fully resident after the block
-and were not before it, so no page is committed that was not already in use, and memory that
-belongs to the rest of the process is left alone. It costs about 1 s per GB at load. Everything
-here is best effort: where the kernel, the platform or ``/proc`` says no, nothing changes and
-the result says why.
+* Elsewhere (the library in someone else's process), ``madvise(MADV_COLLAPSE)`` (Linux 6.1+)
+  turns already-populated memory into huge pages synchronously, whatever the system-wide THP
+  mode (unless it is ``never``). :func:`huge_pages_for` wraps the loading of a model: it first
+  hands the C allocator's free memory back to the kernel, then collapses only the 2 MB chunks of
+  anonymous memory that are fully resident after the block and were not before it, so no page
+  is committed that was not already in use, and memory that belongs to the rest of the process
+  is left alone. It costs 0.5-1 s per GB at load.
+
+Everything here is best effort: where the kernel, the platform or ``/proc`` says no, nothing
+changes and the result says why.
 """
 
 from __future__ import annotations
