@@ -312,11 +312,9 @@ def main() -> None:
     )
     args = parser.parse_args()
     if not args.no_malloc_huge_pages:
-        from llmtool.hugepages import malloc_env
+        from llmtool.hugepages import restart_with_huge_page_malloc
 
-        env = malloc_env()
-        if env is not None:
-            os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        restart_with_huge_page_malloc()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
     from llmtool.evaluate import evaluate_perplexity

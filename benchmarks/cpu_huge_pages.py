@@ -15,7 +15,6 @@ Usage: python benchmarks/cpu_huge_pages.py --out benchmarks/results/cpu_huge_pag
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
 import platform
@@ -97,7 +96,8 @@ def main() -> None:
     if args.out is None:
         parser.error("--out is required")
 
-    from llmtool.hardware import cpu_name
+    from cpu_generate import environment
+
     from llmtool.hugepages import malloc_env
 
     plain_env = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
@@ -142,11 +142,8 @@ def main() -> None:
         "protocol": f"{args.rounds} rounds; each configuration a fresh process per round, in "
         f"turn; {args.new_tokens} new tokens after one warm-up generation; median",
         "environment": {
-            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "cpu": cpu_name(),
-            "cpu_count": os.cpu_count(),
-            "threads": args.threads,
-            "python": platform.python_version(),
+            **environment(args.threads),
+            "glibc_tunables": "per configuration (see protocol)",
             "kernel": platform.release(),
             "thp_mode": Path("/sys/kernel/mm/transparent_hugepage/enabled").read_text().strip(),
         },

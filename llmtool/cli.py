@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -561,17 +560,10 @@ def _restart_with_huge_page_malloc(argv: list[str]) -> None:
     ``--no-huge-pages`` is given or where it cannot work.
     """
     command = next((a for a in argv[1:] if not a.startswith("-")), None)
-    if command not in MALLOC_HUGE_PAGE_COMMANDS or "--no-huge-pages" in argv or not sys.executable:
-        return
-    from llmtool.hugepages import malloc_env
+    if command in MALLOC_HUGE_PAGE_COMMANDS and "--no-huge-pages" not in argv:
+        from llmtool.hugepages import restart_with_huge_page_malloc
 
-    env = malloc_env()
-    if env is not None:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        # The same interpreter options and script as this run (python -m llmtool, or the
-        # console script).
-        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+        restart_with_huge_page_malloc()
 
 
 def main() -> None:

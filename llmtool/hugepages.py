@@ -123,6 +123,22 @@ def malloc_env(environ: dict[str, str] | None = None) -> dict[str, str] | None:
     return env
 
 
+def restart_with_huge_page_malloc() -> None:
+    """Replace this process by the same command with glibc's malloc asking for huge pages.
+
+    Returns (doing nothing) where :func:`malloc_env` says it would change nothing or cannot
+    work, or where the interpreter cannot be started again; call it before loading anything.
+    """
+    env = malloc_env()
+    if env is None or not sys.executable:
+        return
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The same interpreter options and script as this run (python -m ..., a console script).
+    with contextlib.suppress(OSError):
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
+
+
 def resident_chunks() -> set[int]:
     """Start addresses of the 2 MB-aligned chunks of anonymous, writable memory fully in RAM."""
     import numpy as np

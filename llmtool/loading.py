@@ -238,16 +238,15 @@ def load_tokenizer(spec: ModelSpec) -> Any:
         plain = _plain_tokenizer_class(spec)
         if plain is not None:
             tok = plain.from_pretrained(spec.path)
-        elif spec.kind == "gguf":
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
         else:
             from transformers import AutoTokenizer
 
-            tok = AutoTokenizer.from_pretrained(
-                spec.path, trust_remote_code=False, **_tokenizer_kwargs(spec)
-            )
+            if spec.kind == "gguf":
+                tok = AutoTokenizer.from_pretrained(spec.path, gguf_file=spec.gguf_file)
+            else:
+                tok = AutoTokenizer.from_pretrained(
+                    spec.path, trust_remote_code=False, **_tokenizer_kwargs(spec)
+                )
     except (ValueError, OSError, KeyError, TypeError) as e:
         raise UsageError(
             f"Cannot load a tokenizer from {spec.display} ({str(e).splitlines()[0]})",

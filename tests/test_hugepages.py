@@ -121,3 +121,10 @@ def test_nothing_to_collapse_when_malloc_asks_for_huge_pages(monkeypatch):
     assert result.reason == "malloc already asks for huge pages"
     monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")
     assert not hugepages.malloc_uses_huge_pages()
+
+
+def test_restart_that_cannot_start_goes_on_in_this_process(monkeypatch, tmp_path):
+    """An interpreter that cannot be started again leaves the command running as it is."""
+    monkeypatch.setattr(hugepages, "malloc_env", lambda: {"GLIBC_TUNABLES": "x"})
+    monkeypatch.setattr(hugepages.sys, "executable", str(tmp_path / "no-such-python"))
+    hugepages.restart_with_huge_page_malloc()  # returns instead of raising

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
+from llmtool import defaults
 from llmtool.export.architectures import DecoderWeights, LayerWeights
 from llmtool.export.graph import GraphBuilder
 
@@ -72,7 +73,7 @@ class WeightFormat:
     """
 
     quantize: str | None = None
-    block_size: int = 32
+    block_size: int = defaults.QUANT_BLOCK_SIZE
     symmetric: bool = False
     head_matmul: bool = False
 
