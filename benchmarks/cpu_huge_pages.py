@@ -75,6 +75,33 @@ def child(engine: str, huge_pages: bool, export: Path, new: int, threads: int) -
     }
 
 
+def markdown(report: dict[str, Any]) -> str:
+    """The results as a Markdown page (written next to the JSON)."""
+    env = report["environment"]
+    versions = ", ".join(
+        f"{k} {env[k]}"
+        for k in ("torch", "transformers", "onnxruntime-gpu", "onnxruntime")
+        if k in env
+    )
+    lines = [
+        f"# {report['benchmark']}",
+        "",
+        f"{report['protocol']}. {env['cpu']}, {env['threads']} threads, kernel {env['kernel']}, "
+        f"THP mode `{env['thp_mode']}`; Python {env['python']}, {versions}; {env['date']}.",
+        "",
+        "| engine | weights | decode tok/s | vs 4 KB pages | load s | collapsed MB |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for name, r in report["results"].items():
+        engine, mode = name.rsplit(" ", 1)
+        lines.append(
+            f"| {engine} | {MODES[mode]} | {r['decode_tokens_per_s']:.1f} | {r['vs_off']:.3f}x "
+            f"| {r['load_s']:.2f} | {r['collapsed_mb']:.0f} |"
+        )
+    lines += ["", "Produced by:", "", "```bash", report["command"], "```", ""]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -151,24 +178,7 @@ def main() -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    env = report["environment"]
-    lines = [
-        f"# {report['benchmark']}",
-        "",
-        f"{report['protocol']}. {env['cpu']}, {env['threads']} threads, kernel {env['kernel']}, "
-        f"THP mode `{env['thp_mode']}`, {env['date']}.",
-        "",
-        "| engine | weights | decode tok/s | vs 4 KB pages | load s | collapsed MB |",
-        "|---|---|---:|---:|---:|---:|",
-    ]
-    for name, r in results.items():
-        engine, mode = name.rsplit(" ", 1)
-        lines.append(
-            f"| {engine} | {MODES[mode]} | {r['decode_tokens_per_s']:.1f} | {r['vs_off']:.3f}x "
-            f"| {r['load_s']:.2f} | {r['collapsed_mb']:.0f} |"
-        )
-    lines += ["", "Produced by:", "", "```bash", report["command"], "```", ""]
-    args.out.with_suffix(".md").write_text("\n".join(lines))
+    args.out.with_suffix(".md").write_text(markdown(report))
     for name, r in results.items():
         print(
             f"{name}: {r['decode_tokens_per_s']:.1f} tok/s ({r['vs_off']:.3f}x off), load "

@@ -11,7 +11,7 @@ Two ways, the first preferred:
 * The ``llmtool generate`` and ``eval`` commands start themselves again (once, before loading
   anything) with ``GLIBC_TUNABLES=glibc.malloc.hugetlb=1``, which makes glibc's ``malloc`` ask
   for huge pages as it maps memory (glibc 2.35+): weights land on huge pages as they are read,
-  at no cost (loading is even faster: fewer page faults). :func:`malloc_env` decides; the
+  at no copying cost (loading takes about as long). :func:`malloc_env` decides; the
   environment variable ``LLMTOOL_MALLOC_HUGE_PAGES=0`` or ``--no-huge-pages`` turns it off.
 * Elsewhere (the library in someone else's process), ``madvise(MADV_COLLAPSE)`` (Linux 6.1+)
   turns already-populated memory into huge pages synchronously, whatever the system-wide THP
