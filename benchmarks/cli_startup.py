@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 LOADERS = {
     "AutoTokenizer": "from transformers import AutoTokenizer\n"
     "tok = AutoTokenizer.from_pretrained({path!r})\n",
-    "llmtool.loading.load_tokenizer": "from llmtool.loading import load_tokenizer, resolve_spec\n"
+    "llmtool.models.loading.load_tokenizer": "from llmtool.models.loading import load_tokenizer, resolve_spec\n"
     "tok = load_tokenizer(resolve_spec({path!r}))\n",
 }
 

@@ -164,7 +164,7 @@ def llmtool_runner(path: Path, new: int, threads: int) -> Callable[[str], Run]:
 def transformers_runner(new: int, threads: int) -> Callable[[str], Run]:
     import torch
 
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     torch.set_num_threads(threads)
     loaded = load_model("smollm2")
@@ -194,7 +194,7 @@ def transformers_runner(new: int, threads: int) -> Callable[[str], Run]:
 def llama_cpp_runner(new: int, threads: int) -> Callable[[str], Run]:
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
-    from llmtool.loading import smollm2_path
+    from llmtool.models.loading import smollm2_path
 
     llm = Llama(
         model_path=str(smollm2_path()),
@@ -319,7 +319,7 @@ def main() -> None:
 
     from llmtool.evaluate import evaluate_perplexity
     from llmtool.export import export_model
-    from llmtool.runtime import SessionOptions
+    from llmtool.runtime.model import SessionOptions
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llmtool-cpu-bench-"))
     engines = args.engines.split(",")

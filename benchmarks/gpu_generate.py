@@ -132,7 +132,7 @@ def make_hf_dir(shape: str, path: Path) -> tuple[Path, int]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from llmtool.tokenizer import train_bpe_tokenizer
+    from llmtool.train.tokenizer import train_bpe_tokenizer
 
     torch.manual_seed(0)
     cfg = dict(SHAPES[shape])

@@ -159,7 +159,7 @@ def export_cmd(
     Exits 1, writing nothing, when ONNX Runtime and PyTorch disagree beyond tolerance.
     """
     from llmtool.console import console, err_console
-    from llmtool.export import export_model
+    from llmtool.export.pipeline import export_model
     from llmtool.reports import export_table
 
     with err_console.status("Exporting") as status:
@@ -246,7 +246,7 @@ def generate_cmd(
     from llmtool.console import console, err_console
     from llmtool.generate import generate
     from llmtool.reports import generation_table
-    from llmtool.runtime import OnnxCausalLM, SessionOptions
+    from llmtool.runtime.model import OnnxCausalLM, SessionOptions
     from llmtool.sampling import SamplingConfig
 
     prompts = _read_prompts(prompt, prompt_file)
@@ -388,10 +388,10 @@ def eval_cmd(
 
     from llmtool.console import console, err_console
     from llmtool.errors import RegressionError
-    from llmtool.eval_report import check_plot_path, rich_tables, write_reports
-    from llmtool.eval_run import EvalOptions, parse_backends, run_eval
-    from llmtool.gate import parse_tolerance
-    from llmtool.throughput import parse_sizes
+    from llmtool.evaluate.gate import parse_tolerance
+    from llmtool.evaluate.report import check_plot_path, rich_tables, write_reports
+    from llmtool.evaluate.run import EvalOptions, parse_backends, run_eval
+    from llmtool.evaluate.throughput import parse_sizes
 
     check_plot_path(plot_path)
     options = EvalOptions(

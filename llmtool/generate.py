@@ -1,6 +1,6 @@
 """Text generation on an ONNX export: batched prompts, KV cache fed back step to step.
 
-The loop is the usual fast-generation split: a :class:`~llmtool.decoders.Decoder` prefills the
+The loop is the usual fast-generation split: a :class:`~llmtool.runtime.decoders.Decoder` prefills the
 prompts once and then extends every row by one token per step, and
 :class:`~llmtool.sampling.Sampler` chooses the tokens (greedy ones on the device for fused
 exports). Rows stop independently at EOS (the export's generation config, as transformers
@@ -19,7 +19,7 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-from llmtool.runtime import OnnxCausalLM, SessionOptions
+from llmtool.runtime.model import OnnxCausalLM, SessionOptions
 from llmtool.sampling import Sampler, SamplingConfig
 
 TextCallback = Callable[[int, str], None]

@@ -62,7 +62,7 @@ class Sampler:
         self.rng = np.random.default_rng(config.seed)
 
     def choose(self, step: Any) -> np.ndarray:
-        """Tokens for a :class:`~llmtool.decoders.Step`: greedy reads only the argmax."""
+        """Tokens for a :class:`~llmtool.runtime.decoders.Step`: greedy reads only the argmax."""
         if self.config.strategy == "greedy":
             return step.argmax()
         return self(step.logits())

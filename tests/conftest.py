@@ -16,7 +16,7 @@ ARCHS = ("gpt2", "llama")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from llmtool.runtime import cuda_available
+    from llmtool.runtime.model import cuda_available
 
     if cuda_available():
         return
@@ -28,7 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 @pytest.fixture(scope="session")
 def tokenizer():
-    from llmtool.tokenizer import train_bpe_tokenizer
+    from llmtool.train.tokenizer import train_bpe_tokenizer
 
     return train_bpe_tokenizer([SAMPLE_TEXT.read_text(encoding="utf-8")], vocab_size=384)
 
@@ -96,7 +96,7 @@ def tiny_llama_export(tokenizer, tmp_path_factory):
 
 
 def load_hf(path: Path):
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     return load_model(str(path))
 

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from llmtool.cli import app
 from llmtool.errors import UsageError
-from llmtool.gate import (
+from llmtool.evaluate.gate import (
     Tolerance,
     check_config,
     compare,

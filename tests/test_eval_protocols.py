@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 
 from conftest import load_hf
-from llmtool.documents import Document, load_corpus
 from llmtool.errors import UsageError
 from llmtool.evaluate import evaluate_perplexity
-from llmtool.protocols import hf_passes, llama_cpp_passes, lm_eval_passes, make_protocol
+from llmtool.evaluate.data import Document, load_corpus
+from llmtool.evaluate.protocols import hf_passes, llama_cpp_passes, lm_eval_passes, make_protocol
 
 # Multi-byte UTF-8 (2, 3 and 4 bytes a character), leading whitespace and several whitespace runs.
 UNICODE_DOC = "  Naïve café — 東京の灯台守。\tEmoji 🙂🌊 end.\n\nSecond  paragraph, ünïcödé."
@@ -27,7 +27,7 @@ DOCS = [
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """PyTorch on one thread: on a small shared CPU its thread pool only adds waiting."""
-    from llmtool.eval_run import torch_threads
+    from llmtool.evaluate.run import torch_threads
 
     with torch_threads(1):
         yield

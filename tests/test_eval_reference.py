@@ -7,14 +7,14 @@ import pytest
 
 from conftest import save_tiny_model
 from llmtool.errors import UsageError
-from llmtool.evaluate import evaluate_perplexity, load_reference
+from llmtool.evaluate.perplexity import evaluate_perplexity, load_reference
 from llmtool.runtime import OnnxCausalLM
 
 
 @pytest.fixture(scope="module", autouse=True)
 def one_torch_thread():
     """PyTorch on one thread: on a small shared CPU its thread pool only adds waiting."""
-    from llmtool.eval_run import torch_threads
+    from llmtool.evaluate.run import torch_threads
 
     with torch_threads(1):
         yield
@@ -89,7 +89,7 @@ def test_nonfinite_logits_are_counted(tiny_llama_export, sample_text_file):
 def test_a_reference_with_another_tokenizer_is_refused(
     tiny_llama_export, sample_text_file, tmp_path
 ):
-    from llmtool.tokenizer import train_bpe_tokenizer
+    from llmtool.train.tokenizer import train_bpe_tokenizer
 
     other = train_bpe_tokenizer(["completely different words " * 50], vocab_size=300)
     hf = save_tiny_model("llama", other, tmp_path / "other")

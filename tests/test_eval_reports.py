@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conftest import SAMPLE_TEXT
 from llmtool.cli import app
 from llmtool.errors import UsageError
-from llmtool.eval_report import check_plot_path, json_safe
-from llmtool.eval_schema import SCHEMA
+from llmtool.evaluate.report import check_plot_path, json_safe
+from llmtool.evaluate.schema import SCHEMA
 
 runner = CliRunner()
 SKELETON_KEYS = {"perplexity", "nll", "bits_per_byte", "tokens", "max_length", "stride", "provider"}

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from llmtool.errors import UsageError
+from llmtool.evaluate.throughput import cache_bytes, measure_throughput, parse_sizes, plan_scenarios
 from llmtool.hardware import PeakRss, gpu_peak_bandwidth
 from llmtool.runtime import OnnxCausalLM
-from llmtool.throughput import cache_bytes, measure_throughput, parse_sizes, plan_scenarios
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +59,8 @@ def test_onnx_scenarios(onnx_model):
 
 
 def test_pytorch_backend_runs_the_same_scenarios(tiny_llama_export, onnx_model):
-    from llmtool.eval_run import torch_threads
-    from llmtool.loading import load_model
+    from llmtool.evaluate.run import torch_threads
+    from llmtool.models.loading import load_model
 
     torch_model = load_model(str(tiny_llama_export[0])).model
     with torch_threads(1):

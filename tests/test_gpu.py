@@ -102,7 +102,7 @@ def test_cuda_greedy_equals_cpu_fp32_where_no_near_tie(tiny_llama_export, fused_
 )
 def test_smollm2_fp16_cuda_top1_agreement(tmp_path):
     from conftest import SAMPLE_TEXT
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     gguf = Path(os.environ["LLMTOOL_SMOLLM2_GGUF"])
     out = tmp_path / "smollm2-fp16"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from llmtool.errors import UsageError
-from llmtool.loading import resolve_spec
+from llmtool.models.loading import resolve_spec
 
 
 def test_missing_path(tmp_path):
@@ -42,7 +42,7 @@ def test_unsupported_architecture_names_supported(tmp_path, tokenizer):
         intermediate_size=64,
     ).save_pretrained(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"")
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     with pytest.raises(UsageError, match=r"'bert' is not supported.*gpt2.*llama"):
         load_model(str(tmp_path))
@@ -54,7 +54,7 @@ def test_pickle_weights_refused(tmp_path, tiny_model_dir):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
         shutil.copy(tiny_model_dir / name, tmp_path / name)
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     with pytest.raises(UsageError, match="pickle"):
         load_model(str(tmp_path))
@@ -66,7 +66,7 @@ def test_tokenizer_larger_than_vocab_refused(tmp_path, tokenizer):
     model = build_tiny_model("llama", vocab_size=len(tokenizer) - 10)
     model.save_pretrained(tmp_path)
     tokenizer.save_pretrained(tmp_path)
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     with pytest.raises(UsageError, match=r"tokenizer .* has .* tokens"):
         load_model(str(tmp_path))
@@ -86,7 +86,7 @@ def test_export_tokenizer_loads_directly_and_equals_autotokenizer(tiny_export, s
     """An export's tokenizer skips AutoTokenizer (which imports torch) and encodes the same."""
     from transformers import AutoTokenizer
 
-    from llmtool.loading import _plain_tokenizer_class, load_tokenizer
+    from llmtool.models.loading import _plain_tokenizer_class, load_tokenizer
 
     _, out, _ = tiny_export
     spec = resolve_spec(str(out))
@@ -108,7 +108,7 @@ def test_generating_from_an_export_never_imports_torch(tiny_export):
     code = (
         "import sys\n"
         "from llmtool.generate import generate\n"
-        "from llmtool.runtime import OnnxCausalLM\n"
+        "from llmtool.runtime.model import OnnxCausalLM\n"
         f"model = OnnxCausalLM({str(out)!r}, 'cpu')\n"
         "result = generate(model, ['The keeper'], max_new_tokens=4)\n"
         "assert result.outputs[0].new_tokens >= 1\n"

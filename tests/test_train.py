@@ -76,8 +76,8 @@ def test_too_little_text_for_seq_len(tmp_path):
 
 
 def test_directory_corpus_is_sorted_and_separated(tmp_path):
-    from llmtool.tokenizer import train_bpe_tokenizer
     from llmtool.train.data import tokenize_corpus
+    from llmtool.train.tokenizer import train_bpe_tokenizer
 
     (tmp_path / "sub").mkdir()
     (tmp_path / "b.txt").write_text("second file\n")
@@ -129,7 +129,7 @@ TRICKY = "Naïve café — 東京 🙂 déjà vu,\n\ttabs  and   spaces; ΑΒΓ 
 def test_tokenizer_round_trip(tmp_path):
     from transformers import AutoTokenizer
 
-    from llmtool.tokenizer import train_bpe_tokenizer
+    from llmtool.train.tokenizer import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer([SAMPLE_TEXT.read_text(encoding="utf-8")], 400)
     tok.save_pretrained(tmp_path)
@@ -177,7 +177,7 @@ def test_transformer_dirs_load_with_auto_model(trained):
 
 
 def test_recurrent_dir_loads(trained):
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
 
     loaded = load_model(str(trained["lstm"][0].out))
     assert loaded.config.model_type == "llmtool_lstm"
@@ -343,7 +343,7 @@ def test_left_padding_and_chunking_match_one_pass(trained, arch):
     """Pads leave the state untouched; a sequence split across calls equals one call."""
     import torch
 
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
     from llmtool.runtime import OnnxCausalLM
 
     result, exported = trained[arch]
@@ -398,7 +398,7 @@ def test_recurrent_long_sequence_matches_pytorch(trained):
     """The whole text in one pass (1.7K Scan steps): ORT's logits equal PyTorch's."""
     import torch
 
-    from llmtool.loading import load_model
+    from llmtool.models.loading import load_model
     from llmtool.runtime import OnnxCausalLM
 
     result, exported = trained["lstm"]

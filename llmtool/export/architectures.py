@@ -2,7 +2,7 @@
 
 Every supported architecture is a pre-norm decoder; the differences (norm kind, positions,
 MLP activation, biases) are fields of :class:`DecoderWeights`, so one graph builder
-(:mod:`llmtool.export.decoder`) serves them all. To add an architecture, write an ``extract_*``
+(:mod:`llmtool.export.transformer`) serves them all. To add an architecture, write an ``extract_*``
 function and register it in :data:`EXTRACTORS`.
 """
 

@@ -2,7 +2,7 @@
 
 A builder takes the PyTorch model and returns a :class:`BuiltGraph`: the ONNX graph, the I/O
 description the runtime reads from llmtool.json, and manifest metadata. Transformer decoders
-go through :mod:`llmtool.export.architectures` + :mod:`llmtool.export.decoder`; another family
+go through :mod:`llmtool.export.architectures` + :mod:`llmtool.export.transformer`; another family
 registers its own builder here.
 """
 
@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from llmtool.errors import UsageError
-from llmtool.export.decoder import GraphIO, WeightFormat
 from llmtool.export.graph import GraphBuilder
+from llmtool.export.transformer import GraphIO, WeightFormat
 
 
 @dataclass
@@ -52,8 +52,8 @@ Builder = Callable[[Any, str, int, GraphOptions], BuiltGraph]
 def build_transformer(model: Any, dtype: str, opset: int, options: GraphOptions) -> BuiltGraph:
     """GPT-2 and Llama-family models through the neutral decoder description."""
     from llmtool.export.architectures import extract
-    from llmtool.export.decoder import build_decoder_graph
     from llmtool.export.fused import build_fused_graph
+    from llmtool.export.transformer import build_decoder_graph
 
     w = extract(model)
     build = build_fused_graph if options.fused else build_decoder_graph
@@ -84,7 +84,7 @@ BUILDERS: dict[str, Builder] = {
     "mistral": build_transformer,
     "qwen2": build_transformer,
     "gpt2": build_transformer,
-    # llmtool.train.recurrent_config.LSTM_TYPE / RNN_TYPE.
+    # llmtool.models.recurrent_config.LSTM_TYPE / RNN_TYPE.
     "llmtool_lstm": build_recurrent,
     "llmtool_rnn": build_recurrent,
 }

@@ -1,6 +1,6 @@
 """The fused decoder graph: ONNX Runtime contrib ops for fast decoding (CUDA fp16, and CPU).
 
-Same input and output names as the standard graph (:mod:`llmtool.export.decoder`), plus two
+Same input and output names as the standard graph (:mod:`llmtool.export.transformer`), plus two
 outputs that keep sampling on the device:
 
   last_logits [batch, vocab] float32   logits at each row's last real token
@@ -29,8 +29,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from llmtool.export.architectures import DecoderWeights, LayerWeights
-from llmtool.export.decoder import GraphIO, WeightFormat, _DecoderGraph
 from llmtool.export.graph import GraphBuilder
+from llmtool.export.transformer import GraphIO, WeightFormat, _DecoderGraph
 
 MS = "com.microsoft"
 

@@ -181,7 +181,7 @@ def measure_fidelity(
     """Compare a quantized export with the fp32 PyTorch model on ``text``; the manifest entry.
 
     Args:
-        quantized: The export as an :class:`~llmtool.runtime.OnnxCausalLM`.
+        quantized: The export as an :class:`~llmtool.runtime.model.OnnxCausalLM`.
         torch_model: The fp32 model it came from.
         text: Calibration text.
         mode: ``int4`` or ``int8`` (selects the threshold).
@@ -190,7 +190,7 @@ def measure_fidelity(
     import torch
 
     from llmtool import defaults
-    from llmtool.fidelity import compare_on_tokens
+    from llmtool.evaluate.fidelity import compare_on_tokens
 
     def reference(ids: np.ndarray) -> np.ndarray:
         with torch.no_grad():

@@ -1,4 +1,4 @@
-"""The ONNX graph of a recurrent LM (:mod:`llmtool.train.recurrent`): the state is the cache.
+"""The ONNX graph of a recurrent LM (:mod:`llmtool.models.recurrent`): the state is the cache.
 
   inputs   input_ids [batch, sequence] int64
            attention_mask [batch, total_sequence] int64 (its last ``sequence`` columns belong
@@ -23,8 +23,8 @@ import numpy as np
 from onnx import TensorProto, helper
 
 from llmtool.export.builders import BuiltGraph
-from llmtool.export.decoder import FLOAT_TYPES, GraphIO
 from llmtool.export.graph import GraphBuilder
+from llmtool.export.transformer import FLOAT_TYPES, GraphIO
 
 
 def _np(t: Any) -> np.ndarray:

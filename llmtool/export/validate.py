@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
-from llmtool.runtime import OnnxCausalLM
+from llmtool.runtime.model import OnnxCausalLM
 
 VALIDATION_PROMPTS = (
     "The quick brown fox jumps over the lazy dog, and then it runs into the forest to",

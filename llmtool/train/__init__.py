@@ -2,10 +2,10 @@
 
 :func:`train_model` reads the corpus (:mod:`llmtool.train.data`), trains or loads a tokenizer,
 builds a Transformer (transformers' Llama or GPT-2) or a recurrent baseline
-(:mod:`llmtool.train.recurrent`) from a named preset (:mod:`llmtool.train.presets`), and runs the
+(:mod:`llmtool.models.recurrent`) from a named preset (:mod:`llmtool.train.presets`), and runs the
 training loop with resumable checkpoints (:mod:`llmtool.train.loop`).
 
-The names below are imported on first use, so that :mod:`llmtool.train.recurrent_config` (what
+The names below are imported on first use, so that :mod:`llmtool.models.recurrent_config` (what
 loading and the runtime need) comes without torch.
 """
 

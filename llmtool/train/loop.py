@@ -277,7 +277,7 @@ def lr_factor(
 def make_tokenizer(options: TrainOptions, corpus: Corpus) -> Any:
     """Train a byte-level BPE on the training split, or load the tokenizer directory given."""
     if options.tokenizer == "bpe":
-        from llmtool.tokenizer import train_bpe_tokenizer
+        from llmtool.train.tokenizer import train_bpe_tokenizer
 
         assert options.vocab_size is not None
         return train_bpe_tokenizer(corpus.head(1.0 - options.val_fraction), options.vocab_size)
@@ -286,7 +286,7 @@ def make_tokenizer(options: TrainOptions, corpus: Corpus) -> Any:
 
 def load_tokenizer_dir(path: Path) -> Any:
     """A tokenizer saved with ``save_pretrained`` (pad falls back to EOS)."""
-    from llmtool.loading import ModelSpec, load_tokenizer
+    from llmtool.models.loading import ModelSpec, load_tokenizer
 
     if not path.is_dir():
         raise UsageError(
@@ -336,7 +336,7 @@ def save_checkpoint(
     record: dict[str, Any],
 ) -> Path:
     """Write ``checkpoints/step-NNNNNN`` atomically, point ``latest`` at it, drop older ones."""
-    from llmtool.train.recurrent import save_weights
+    from llmtool.models.recurrent import save_weights
 
     root = out / CHECKPOINTS
     name = f"step-{state.step:06d}"
@@ -493,7 +493,7 @@ def train_model(
     """
     from safetensors.torch import load_model
 
-    from llmtool.loading import _quiet_transformers
+    from llmtool.models.loading import _quiet_transformers
 
     _quiet_transformers()
 

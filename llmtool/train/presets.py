@@ -4,7 +4,7 @@
 ``base`` (about 100M, GPT-2 small's shape, for corpora of 100M tokens and more) are sized for
 one GPU. The Transformer archs are transformers' own ``LlamaForCausalLM`` / ``GPT2LMHeadModel``,
 so the output directory is a plain Hugging Face model; ``lstm`` and ``rnn`` are
-:class:`llmtool.train.recurrent.RecurrentLM`.
+:class:`llmtool.models.recurrent.RecurrentLM`.
 """
 
 from __future__ import annotations
@@ -177,7 +177,7 @@ def build_model(
     p = preset
     common: dict[str, Any] = {"vocab_size": vocab_size, "tie_word_embeddings": True, **special_ids}
     if arch in RECURRENT_ARCHS:
-        from llmtool.train.recurrent import LSTM_TYPE, RNN_TYPE, RecurrentConfig, RecurrentLM
+        from llmtool.models.recurrent import LSTM_TYPE, RNN_TYPE, RecurrentConfig, RecurrentLM
 
         return RecurrentLM(
             RecurrentConfig(

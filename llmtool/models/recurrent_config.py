@@ -1,7 +1,7 @@
 """The config of llmtool's recurrent LMs, readable without importing torch.
 
-:mod:`llmtool.loading` and the runtime use it to recognize a recurrent model directory; the
-model itself is :class:`llmtool.train.recurrent.RecurrentLM`.
+:mod:`llmtool.models.loading` and the runtime use it to recognize a recurrent model directory; the
+model itself is :class:`llmtool.models.recurrent.RecurrentLM`.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from llmtool.gate import SCHEMA_NAME, SCHEMA_VERSION
+from llmtool.evaluate.gate import SCHEMA_NAME, SCHEMA_VERSION
 
 _NUMBER = {"type": "number"}
 _NULLABLE_NUMBER = {"type": ["number", "null"]}

@@ -7,7 +7,7 @@ object with ``.logits`` [batch, sequence, vocab]. Where ``attention_mask`` is 0 
 left unchanged, so a left-padded row gives the same logits as the row alone.
 
 A trained model is a directory with ``config.json`` (``model_type`` ``llmtool_lstm`` or
-``llmtool_rnn``) and ``model.safetensors``; :func:`llmtool.loading.load_model` reads it.
+``llmtool_rnn``) and ``model.safetensors``; :func:`llmtool.models.loading.load_model` reads it.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from llmtool.errors import UsageError
-from llmtool.train.recurrent_config import (
+from llmtool.models.recurrent_config import (
     LSTM_TYPE,
     MODEL_TYPES,
     RNN_TYPE,

@@ -3,7 +3,7 @@
 Three conventions give three different numbers on the same text; each is reproduced exactly.
 A document's tokens are ``t[0..N)``; every pass runs one row with no past.
 
-``hf`` (transformers' perplexity guide; :func:`llmtool.perplexity.plan_windows`)
+``hf`` (transformers' perplexity guide; :func:`llmtool.evaluate.windows.plan_windows`)
     The text tokenized with the tokenizer's special tokens. Windows of ``max_length`` tokens start
     every ``stride`` tokens; each scores only the tokens no earlier window scored, so every token
     but ``t[0]`` is scored once. PPL = exp(ΣNLL / scored tokens).
@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import UsageError
-from llmtool.perplexity import plan_windows
+from llmtool.evaluate.windows import plan_windows
 
 PROTOCOLS = ("hf", "lm-eval", "llama-cpp")
 

@@ -179,7 +179,7 @@ def read_config(spec: ModelSpec) -> Any:
 
     if spec.kind == "hf_dir":
         # llmtool's own recurrent models are unknown to AutoConfig.
-        from llmtool.train.recurrent_config import MODEL_TYPES, RecurrentConfig, read_model_type
+        from llmtool.models.recurrent_config import MODEL_TYPES, RecurrentConfig, read_model_type
 
         if read_model_type(spec.path) in MODEL_TYPES:
             return RecurrentConfig.from_pretrained(spec.path)
@@ -202,7 +202,7 @@ def clean_config(config: Any) -> Any:
 def _tokenizer_kwargs(spec: ModelSpec) -> dict[str, Any]:
     # AutoTokenizer reads config.json, and warns when AutoConfig does not know its model_type, as
     # for llmtool's recurrent models; their tokenizer files name the tokenizer class themselves.
-    from llmtool.train.recurrent_config import MODEL_TYPES, read_model_type
+    from llmtool.models.recurrent_config import MODEL_TYPES, read_model_type
 
     if spec.kind == "hf_dir" and read_model_type(spec.path) in MODEL_TYPES:
         from transformers import PretrainedConfig
@@ -285,7 +285,7 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
 
     check_supported(config)
     tokenizer = load_tokenizer(spec)
-    from llmtool.train.recurrent_config import RecurrentConfig
+    from llmtool.models.recurrent_config import RecurrentConfig
 
     if isinstance(config, RecurrentConfig):
         return _load_recurrent(spec, tokenizer)
@@ -330,7 +330,7 @@ def _load_recurrent(spec: ModelSpec, tokenizer: Any) -> LoadedModel:
     """An LSTM / RNN directory written by ``llmtool train`` (safetensors only)."""
     from transformers import GenerationConfig
 
-    from llmtool.train.recurrent import RecurrentLM
+    from llmtool.models.recurrent import RecurrentLM
 
     model = RecurrentLM.from_pretrained(spec.path)
     config = model.config

@@ -21,7 +21,7 @@ import numpy as np
 from llmtool.errors import UsageError
 
 if TYPE_CHECKING:
-    from llmtool.runtime import OnnxCausalLM
+    from llmtool.runtime.model import OnnxCausalLM
 
 
 class Step:

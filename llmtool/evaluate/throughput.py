@@ -32,7 +32,7 @@ import numpy as np
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.hardware import PeakRss, gpu_memory_used, peak_bandwidth
-from llmtool.runtime import OnnxCausalLM
+from llmtool.runtime.model import OnnxCausalLM
 
 BACKENDS = ("onnx", "pytorch")
 ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}

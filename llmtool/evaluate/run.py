@@ -16,7 +16,7 @@ from typing import Any
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-from llmtool.gate import GateResult, Tolerance
+from llmtool.evaluate.gate import GateResult, Tolerance
 
 # on_progress(description, done, total): total None while unknown.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -88,7 +88,7 @@ def parse_backends(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
     Raises:
         UsageError: An unknown backend.
     """
-    from llmtool.throughput import BACKENDS
+    from llmtool.evaluate.throughput import BACKENDS
 
     names = [v.strip() for item in values for v in item.split(",") if v.strip()]
     for name in names:
@@ -126,7 +126,7 @@ def _check_options(options: EvalOptions) -> None:
 
 def _pytorch_spec(model: Any, options: EvalOptions) -> str:
     """The PyTorch model of ``--backend pytorch``: a PyTorch ``--reference``, else the export's source."""
-    from llmtool.loading import resolve_spec
+    from llmtool.models.loading import resolve_spec
 
     if options.reference is not None and resolve_spec(options.reference).kind != "onnx_dir":
         return options.reference
@@ -162,14 +162,19 @@ def run_eval(
     Raises:
         UsageError: Bad input, or a baseline measured with another config (exit code 2).
     """
-    from llmtool.documents import load_corpus
-    from llmtool.eval_report import build_record
-    from llmtool.evaluate import check_max_length, evaluate_perplexity, load_reference, torch_device
-    from llmtool.gate import check_config, compare, read_baseline
+    from llmtool.evaluate.data import load_corpus
+    from llmtool.evaluate.gate import check_config, compare, read_baseline
+    from llmtool.evaluate.perplexity import (
+        check_max_length,
+        evaluate_perplexity,
+        load_reference,
+        torch_device,
+    )
+    from llmtool.evaluate.protocols import make_protocol
+    from llmtool.evaluate.report import build_record
+    from llmtool.evaluate.throughput import measure_throughput, plan_scenarios
     from llmtool.hardware import environment
-    from llmtool.protocols import make_protocol
-    from llmtool.runtime import OnnxCausalLM, SessionOptions
-    from llmtool.throughput import measure_throughput, plan_scenarios
+    from llmtool.runtime.model import OnnxCausalLM, SessionOptions
 
     def progress(description: str, done: int, total: int | None) -> None:
         if on_progress is not None:
@@ -283,7 +288,7 @@ def run_eval(
         if reference is not None and reference.kind == "pytorch" and reference.spec == pytorch_spec:
             torch_model, device = reference.model.model, reference.device
         else:
-            from llmtool.loading import load_model
+            from llmtool.models.loading import load_model
 
             progress(f"Loading the PyTorch model {pytorch_spec}", 0, None)
             torch_model = load_model(pytorch_spec, allow_pickle=options.allow_pickle).model

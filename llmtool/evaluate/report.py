@@ -1,7 +1,7 @@
 """The report of ``llmtool eval``: the versioned JSON record, terminal tables, Markdown and a plot.
 
-The record (schema ``llmtool-eval``, version :data:`~llmtool.gate.SCHEMA_VERSION`, described by
-:data:`llmtool.eval_schema.SCHEMA`) keeps the walking skeleton's top-level perplexity keys and
+The record (schema ``llmtool-eval``, version :data:`~llmtool.evaluate.gate.SCHEMA_VERSION`, described by
+:data:`llmtool.evaluate.schema.SCHEMA`) keeps the walking skeleton's top-level perplexity keys and
 adds ``reference``, ``throughput``, a flat ``metrics`` map (each metric with its unit, whether
 higher is better and its gate rule), ``environment`` and the full ``config``. Tables and Markdown
 are rendered from the same :class:`Section` list, so the terminal and the CI summary agree.
@@ -19,8 +19,8 @@ from typing import Any
 
 from llmtool import defaults
 from llmtool.errors import UsageError
+from llmtool.evaluate.gate import SCHEMA_NAME, SCHEMA_VERSION
 from llmtool.fsutil import atomic_write_bytes
-from llmtool.gate import SCHEMA_NAME, SCHEMA_VERSION
 
 
 def metric(

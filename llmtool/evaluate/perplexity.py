@@ -1,9 +1,9 @@
 """``llmtool eval``: perplexity of an ONNX export, and its fidelity to a reference model.
 
-The data is scored document by document under one of the protocols of :mod:`llmtool.protocols`.
+The data is scored document by document under one of the protocols of :mod:`llmtool.evaluate.protocols`.
 Per scored token this keeps the NLL, so the report carries the standard error of the mean NLL and
 a confidence interval for perplexity beside the point values. With a reference (a PyTorch model
-or another export) both models score the same passes and :mod:`llmtool.fidelity` compares their
+or another export) both models score the same passes and :mod:`llmtool.evaluate.fidelity` compares their
 next-token distributions.
 """
 
@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
-from llmtool.documents import Corpus, decode_text, load_corpus
 from llmtool.errors import UsageError
-from llmtool.fidelity import FidelityAccumulator
-from llmtool.perplexity import token_nll
-from llmtool.protocols import LogitsFn, Protocol, make_protocol, scored_logits
-from llmtool.runtime import OnnxCausalLM, SessionOptions
+from llmtool.evaluate.data import Corpus, decode_text, load_corpus
+from llmtool.evaluate.fidelity import FidelityAccumulator
+from llmtool.evaluate.protocols import LogitsFn, Protocol, make_protocol, scored_logits
+from llmtool.evaluate.windows import token_nll
+from llmtool.runtime.model import OnnxCausalLM, SessionOptions
 
 
 @dataclass
@@ -158,7 +158,7 @@ class Reference:
         kind: ``pytorch`` or ``onnx``.
         tokenizer: Its tokenizer.
         logits_fn: [1, L] int64 ids -> [1, L, V] float32 logits.
-        model: The :class:`~llmtool.loading.LoadedModel` or :class:`OnnxCausalLM`.
+        model: The :class:`~llmtool.models.loading.LoadedModel` or :class:`OnnxCausalLM`.
         device: Where it runs (``cpu``, ``cuda``).
     """
 
@@ -203,7 +203,7 @@ def load_reference(
     Raises:
         UsageError: The spec is not a loadable model.
     """
-    from llmtool.loading import load_model, resolve_spec
+    from llmtool.models.loading import load_model, resolve_spec
 
     resolved = resolve_spec(spec)
     if resolved.kind == "onnx_dir":
@@ -272,13 +272,13 @@ def evaluate_perplexity(
 
     Args:
         model: An :class:`OnnxCausalLM` or an export directory.
-        data: The data path, or a :class:`~llmtool.documents.Corpus` already read.
+        data: The data path, or a :class:`~llmtool.evaluate.data.Corpus` already read.
         max_length: Tokens per forward pass; default min(model context, 1024).
         stride: Step between windows (``hf`` only); default ``max_length // 2``.
         provider: ``auto``, ``cuda`` or ``cpu``.
         session_options: ONNX Runtime settings.
         on_window: Progress callback ``(done, total)`` over forward passes.
-        protocol: ``hf``, ``lm-eval`` or ``llama-cpp`` (see :mod:`llmtool.protocols`).
+        protocol: ``hf``, ``lm-eval`` or ``llama-cpp`` (see :mod:`llmtool.evaluate.protocols`).
         text_field: The text field of JSONL data.
         reference: A PyTorch model spec or an export directory (or a loaded
             :class:`Reference`) scored on the same passes; adds ``reference`` to the result:

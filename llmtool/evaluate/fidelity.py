@@ -1,6 +1,6 @@
 """Fidelity of a model to a reference on the same tokens: the numbers an export is judged by.
 
-Both models score the same sliding windows (:func:`llmtool.perplexity.scored_windows`); per
+Both models score the same sliding windows (:func:`llmtool.evaluate.windows.scored_windows`); per
 scored position this compares the two next-token distributions:
 
 * KL(P_ref || P_model) in nats, summarized as mean, median, p99 and max,
@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from llmtool.perplexity import token_nll
+from llmtool.evaluate.windows import token_nll
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -107,7 +107,7 @@ def compare_on_tokens(
         stride: Step between windows.
         on_window: Progress callback ``(done, total)``.
     """
-    from llmtool.perplexity import plan_windows
+    from llmtool.evaluate.windows import plan_windows
 
     acc = FidelityAccumulator()
     windows = plan_windows(len(token_ids), max_length, stride)

@@ -215,12 +215,12 @@ class OnnxCausalLM:
         return graph_id
 
     def decoder(self, batch: int, max_length: int) -> Any:
-        """A :class:`~llmtool.decoders.Decoder` for ``batch`` rows of up to ``max_length`` tokens.
+        """A :class:`~llmtool.runtime.decoders.Decoder` for ``batch`` rows of up to ``max_length`` tokens.
 
         Fused exports get preallocated buffers (and a captured CUDA graph), reused across calls
         with the same shape; standard exports get a left-padding decoder over :meth:`forward`.
         """
-        from llmtool.decoders import FusedDecoder, StandardDecoder
+        from llmtool.runtime.decoders import FusedDecoder, StandardDecoder
 
         if self.layout != "fused":
             return StandardDecoder(self, batch)
@@ -233,7 +233,7 @@ class OnnxCausalLM:
     def tokenizer(self) -> Any:
         """The tokenizer saved beside the ONNX graph (loaded on first use)."""
         if self._tokenizer is None:
-            from llmtool.loading import ModelSpec, load_tokenizer
+            from llmtool.models.loading import ModelSpec, load_tokenizer
 
             self._tokenizer = load_tokenizer(
                 ModelSpec("hf_dir", self.directory, None, str(self.directory))
