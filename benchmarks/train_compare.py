@@ -75,11 +75,10 @@ def run_arch(arch: str, data: Path, work: Path, steps: int | None) -> dict[str, 
             )
             last[0] = now
 
-    from llmtool.train import train_model
+    from llmtool.train import TrainOptions, train_model
 
-    result = train_model(
-        data, out, arch=arch, preset="tiny", steps=steps, device="cpu", force=True, on_step=on_step
-    )
+    options = TrainOptions(arch=arch, preset="tiny", steps=steps)
+    result = train_model(data, out, options, device="cpu", force=True, on_step=on_step)
     wall = time.perf_counter() - start
     m = result.metrics
     exported = export_model(out, work / f"{arch}-onnx", force=True)

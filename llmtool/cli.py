@@ -489,7 +489,7 @@ def train_cmd(
 
     from llmtool.console import console, err_console
     from llmtool.reports import train_table
-    from llmtool.train import TrainProgress, train_model
+    from llmtool.train import TrainOptions, TrainProgress, train_model
 
     columns = (
         TextColumn("{task.description}"),
@@ -521,19 +521,21 @@ def train_cmd(
             result = train_model(
                 data,
                 out,
-                arch=arch,
-                preset=preset,
-                tokenizer=tokenizer,
-                vocab_size=vocab_size,
-                steps=steps,
-                batch_size=batch_size,
-                grad_accum=grad_accum,
-                seq_len=seq_len,
-                lr=lr,
-                val_fraction=val_fraction,
-                seed=seed,
-                eval_every=eval_every,
-                checkpoint_every=checkpoint_every,
+                TrainOptions(
+                    arch=arch,
+                    preset=preset,
+                    tokenizer=tokenizer,
+                    vocab_size=vocab_size,
+                    steps=steps,
+                    batch_size=batch_size,
+                    grad_accum=grad_accum,
+                    seq_len=seq_len,
+                    lr=lr,
+                    val_fraction=val_fraction,
+                    seed=seed,
+                    eval_every=eval_every,
+                    checkpoint_every=checkpoint_every,
+                ),
                 device=device,
                 resume=resume,
                 force=force,

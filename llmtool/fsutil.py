@@ -113,3 +113,14 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def decode_text(raw: bytes, path: Path) -> str:
+    """UTF-8 text of a file's bytes, with an error naming the file and the bad byte's offset."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UsageError(
+            f"{path} is not valid UTF-8 (bad byte at offset {e.start})",
+            "convert the file to UTF-8.",
+        ) from e

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from conftest import SAMPLE_TEXT
 from llmtool.errors import UsageError
-from llmtool.train import ARCHS, train_model
+from llmtool.train import ARCHS, TrainOptions, train_model
 from llmtool.train.data import BatchSampler, read_corpus, split_tokens, val_windows
 from llmtool.train.loop import lr_factor
 
@@ -20,9 +20,9 @@ from llmtool.train.loop import lr_factor
 FAST = {"seq_len": 64, "batch_size": 4, "vocab_size": 384, "eval_every": 3}
 
 
-def train(out, arch="llama", steps=6, **kwargs):
-    options = {**FAST, "checkpoint_every": steps, **kwargs}
-    return train_model(SAMPLE_TEXT, out, arch=arch, steps=steps, device="cpu", **options)
+def train(out, arch="llama", steps=6, on_step=None, **kwargs):
+    options = TrainOptions(**{**FAST, "checkpoint_every": steps, **kwargs}, arch=arch, steps=steps)
+    return train_model(SAMPLE_TEXT, out, options, device="cpu", on_step=on_step)
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +72,7 @@ def test_too_little_text_for_seq_len(tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("just a few words of text\n")
     with pytest.raises(UsageError, match="fewer than one window"):
-        train_model(short, tmp_path / "out", seq_len=64, vocab_size=300)
+        train_model(short, tmp_path / "out", TrainOptions(seq_len=64, vocab_size=300))
 
 
 def test_directory_corpus_is_sorted_and_separated(tmp_path):
@@ -243,7 +243,7 @@ def test_resume_refusals(tmp_path, trained):
     with pytest.raises(UsageError, match=r"holds a training run already.*--resume"):
         train_model(SAMPLE_TEXT, out)
     with pytest.raises(UsageError, match="--arch gpt2 differs from the checkpoint's rnn"):
-        train_model(SAMPLE_TEXT, out, arch="gpt2", resume=True)
+        train_model(SAMPLE_TEXT, out, TrainOptions(arch="gpt2"), resume=True)
     other = tmp_path / "other.txt"
     other.write_text(SAMPLE_TEXT.read_text(encoding="utf-8") + "\nMore text.\n")
     with pytest.raises(UsageError, match="not what the checkpoint"):
@@ -263,8 +263,10 @@ def test_resume_refusals(tmp_path, trained):
     ],
 )
 def test_bad_options(tmp_path, kwargs, match):
+    options = TrainOptions(**{k: v for k, v in kwargs.items() if k != "device"})
+    device = {"device": kwargs["device"]} if "device" in kwargs else {}
     with pytest.raises(UsageError, match=match):
-        train_model(SAMPLE_TEXT, tmp_path / "out", **kwargs)
+        train_model(SAMPLE_TEXT, tmp_path / "out", options, **device)
     assert not (tmp_path / "out").exists()
 
 

@@ -130,7 +130,8 @@ def resolve_spec(spec: str | Path) -> ModelSpec:
     )
 
 
-def _quiet_transformers() -> None:
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and warnings (llmtool reports its own stages)."""
     # The GGUF reader draws progress bars and warns on stderr; llmtool reports its own stages.
     from transformers.utils import logging as hf_logging
 
@@ -272,7 +273,7 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
 
     if not isinstance(spec, ModelSpec):
         spec = resolve_spec(spec)
-    _quiet_transformers()
+    quiet_transformers()
     if spec.kind == "onnx_dir":
         raise UsageError(
             f"{spec.path} is an llmtool ONNX directory, not a PyTorch model",

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import UsageError
+from llmtool.fsutil import decode_text
 
 
 @dataclass
@@ -52,17 +53,6 @@ class Corpus:
         return pieces
 
 
-def _decode(path: Path) -> str:
-    raw = path.read_bytes()
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"{path} is not valid UTF-8 (bad byte at offset {e.start})",
-            "convert the file to UTF-8 or remove it from --data.",
-        ) from e
-
-
 def read_corpus(path: str | Path) -> Corpus:
     """Read a text file, or every ``*.txt`` file under a directory.
 
@@ -85,7 +75,7 @@ def read_corpus(path: str | Path) -> Corpus:
             )
     else:
         files = [path]
-    texts = [_decode(f) for f in files]
+    texts = [decode_text(f.read_bytes(), f) for f in files]
     if not any(t.strip() for t in texts):
         where = f"{path}" if path.is_file() else f"the .txt files under {path}"
         raise UsageError(f"Training data {where} is empty", "pass a file with text in it.")
