@@ -319,7 +319,7 @@ def main() -> None:
 
     from llmtool.evaluate import evaluate_perplexity
     from llmtool.export import export_model
-    from llmtool.runtime.model import SessionOptions
+    from llmtool.runtime.session import SessionOptions
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llmtool-cpu-bench-"))
     engines = args.engines.split(",")

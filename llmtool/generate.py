@@ -1,16 +1,22 @@
 """Text generation on an ONNX export: batched prompts, KV cache fed back step to step.
 
-The loop is the usual fast-generation split: a :class:`~llmtool.runtime.decoders.Decoder` prefills the
-prompts once and then extends every row by one token per step, and
+The loop is the usual fast-generation split: a :class:`~llmtool.runtime.decoders.Decoder`
+prefills the prompts once and then extends every row by one token per step, and
 :class:`~llmtool.sampling.Sampler` chooses the tokens (greedy ones on the device for fused
 exports). Rows stop independently at EOS (the export's generation config, as transformers
 does); finished rows are fed the pad token until every row is done.
+
+Three layers, each small:
+
+* :func:`token_steps` yields each step's tokens [batch] and which rows take them,
+* :func:`stream_tokens` collects them per row, streams the text as it grows and times the run,
+* :func:`generate` tokenizes, runs both and returns a :class:`GenerationResult`.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,7 +25,9 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-from llmtool.runtime.model import OnnxCausalLM, SessionOptions
+from llmtool.runtime.decoders import Decoder, cache_length
+from llmtool.runtime.model import OnnxCausalLM
+from llmtool.runtime.session import SessionOptions
 from llmtool.sampling import Sampler, SamplingConfig
 
 TextCallback = Callable[[int, str], None]
@@ -84,7 +92,7 @@ class GenerationResult:
         }
 
 
-class _Detokenizer:
+class Detokenizer:
     """Incremental detokenization: emits only complete new text (no half UTF-8 characters)."""
 
     def __init__(self, tokenizer: Any) -> None:
@@ -92,6 +100,7 @@ class _Detokenizer:
         self.emitted = ""
 
     def push(self, token_ids: list[int]) -> str:
+        """The text ``token_ids`` add to what was emitted ("" while a character is incomplete)."""
         text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
         if text.endswith("\ufffd") or not text.startswith(self.emitted):
             return ""
@@ -103,15 +112,6 @@ class _Detokenizer:
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text
         return delta
-
-
-CACHE_GRANULE = 64
-
-
-def cache_length(model: OnnxCausalLM, needed: int) -> int:
-    """Cache length for ``needed`` tokens, rounded up so decoders (and CUDA graphs) are reused."""
-    length = -(-needed // CACHE_GRANULE) * CACHE_GRANULE
-    return min(length, model.max_positions) if model.max_positions else length
 
 
 Prompt = str | Sequence[int]
@@ -149,6 +149,99 @@ def tokenize_prompts(
     return rows
 
 
+def token_steps(
+    decoder: Decoder,
+    sampler: Sampler,
+    rows: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    eos: np.ndarray,
+    pad_id: int,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """The token-step layer: prefill once, then one decode step per yield.
+
+    Yields:
+        Per step, tokens [batch] int64 (``pad_id`` on rows already finished) and live [batch]
+        bool, the rows that take their token. The first yield follows the prefill; the
+        generator ends when every row met EOS or after ``max_new_tokens`` tokens.
+    """
+    tokens = sampler.choose(decoder.prefill(rows))
+    finished = np.zeros(len(rows), dtype=bool)
+    for step in range(max_new_tokens):
+        tokens = np.where(finished, pad_id, tokens)
+        yield tokens, ~finished
+        finished |= np.isin(tokens, eos)
+        if finished.all() or step == max_new_tokens - 1:
+            return
+        tokens = sampler.choose(decoder.step(tokens))
+
+
+@dataclass
+class Streamed:
+    """What :func:`stream_tokens` collected: each row's tokens, its streamed text, the timing."""
+
+    generated: list[list[int]]  # [batch][new tokens], EOS included
+    detokenizers: list[Detokenizer]
+    prefill_s: float
+    decode_s: float
+    decode_tokens: int
+
+
+def stream_tokens(
+    steps: Iterator[tuple[np.ndarray, np.ndarray]],
+    tokenizer: Any,
+    batch: int,
+    on_text: TextCallback | None,
+) -> Streamed:
+    """The streaming layer: collect each row's tokens, call ``on_text`` as its text grows, time.
+
+    Prefill time runs to the first tokens (time to first token); decode time covers every
+    later step, streaming included.
+    """
+    generated: list[list[int]] = [[] for _ in range(batch)]
+    detok = [Detokenizer(tokenizer) for _ in range(batch)]
+    decode_tokens = 0
+    start = time.perf_counter()
+    prefill_s = decode_start = 0.0
+    for step, (tokens, live) in enumerate(steps):
+        if step == 0:
+            decode_start = time.perf_counter()
+            prefill_s = decode_start - start
+        for i in np.flatnonzero(live):
+            generated[i].append(int(tokens[i]))
+            if on_text is not None and (delta := detok[i].push(generated[i])):
+                on_text(int(i), delta)
+        if step > 0:
+            decode_tokens += int(live.sum())
+    decode_s = time.perf_counter() - decode_start
+    return Streamed(generated, detok, prefill_s, decode_s, decode_tokens)
+
+
+def finish_outputs(
+    prompts: Sequence[Prompt],
+    streamed: Streamed,
+    tokenizer: Any,
+    eos: np.ndarray,
+    on_text: TextCallback | None,
+) -> list[GeneratedText]:
+    """Each row's final text (streaming its held-back rest) and why it stopped."""
+    outputs = []
+    for row, (prompt, ids) in enumerate(zip(prompts, streamed.generated, strict=True)):
+        stopped = bool(ids) and ids[-1] in eos
+        text = tokenizer.decode(ids, skip_special_tokens=True)
+        if on_text is not None and (rest := streamed.detokenizers[row].flush(text)):
+            on_text(row, rest)
+        outputs.append(
+            GeneratedText(
+                prompt=prompt if isinstance(prompt, str) else tokenizer.decode(list(prompt)),
+                text=text,
+                token_ids=ids,
+                new_tokens=len(ids),
+                finish_reason="eos" if stopped else "length",
+            )
+        )
+    return outputs
+
+
 def generate(
     model: OnnxCausalLM | str | Path,
     prompts: Sequence[Prompt],
@@ -181,58 +274,21 @@ def generate(
     if max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
     sampling = sampling or SamplingConfig()
-    sampler = Sampler(sampling)
     if not isinstance(model, OnnxCausalLM):
         model = OnnxCausalLM(model, provider, options=session_options)
     tokenizer = model.tokenizer
     rows = tokenize_prompts(model, prompts, max_new_tokens)
     eos = np.array(model.eos_token_ids() if stop_at_eos else [], dtype=np.int64)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    n = len(rows)
-    decoder = model.decoder(n, cache_length(model, max(len(r) for r in rows) + max_new_tokens))
-
-    start = time.perf_counter()
-    tokens = sampler.choose(decoder.prefill(rows))
-    prefill_s = time.perf_counter() - start
-
-    generated: list[list[int]] = [[] for _ in range(n)]
-    finished = np.zeros(n, dtype=bool)
-    detok = [_Detokenizer(tokenizer) for _ in range(n)]
-    decode_tokens = 0
-    decode_start = time.perf_counter()
-    for step in range(max_new_tokens):
-        tokens = np.where(finished, pad_id, tokens)
-        for i in np.flatnonzero(~finished):
-            generated[i].append(int(tokens[i]))
-            if on_text is not None:
-                delta = detok[i].push(generated[i])
-                if delta:
-                    on_text(int(i), delta)
-        if step > 0:
-            decode_tokens += int((~finished).sum())
-        finished |= np.isin(tokens, eos)
-        if finished.all() or step == max_new_tokens - 1:
-            break
-        tokens = sampler.choose(decoder.step(tokens))
-    decode_s = time.perf_counter() - decode_start
-
-    outputs = []
-    for row, (prompt, ids) in enumerate(zip(prompts, generated, strict=True)):
-        stopped = bool(ids) and ids[-1] in eos
-        text = tokenizer.decode(ids, skip_special_tokens=True)
-        if on_text is not None and (rest := detok[row].flush(text)):
-            on_text(row, rest)
-        outputs.append(
-            GeneratedText(
-                prompt=prompt if isinstance(prompt, str) else tokenizer.decode(list(prompt)),
-                text=text,
-                token_ids=ids,
-                new_tokens=len(ids),
-                finish_reason="eos" if stopped else "length",
-            )
-        )
+    decoder = model.decoder(
+        len(rows), cache_length(model, max(len(r) for r in rows) + max_new_tokens)
+    )
+    steps = token_steps(decoder, Sampler(sampling), rows, max_new_tokens, eos, pad_id)
+    streamed = stream_tokens(steps, tokenizer, len(rows), on_text)
+    outputs = finish_outputs(prompts, streamed, tokenizer, eos, on_text)
+    decode_s, decode_tokens = streamed.decode_s, streamed.decode_tokens
     timing = GenerationTiming(
-        prefill_s=prefill_s,
+        prefill_s=streamed.prefill_s,
         decode_s=decode_s,
         decode_tokens=decode_tokens,
         decode_tokens_per_s=decode_tokens / decode_s if decode_tokens and decode_s > 0 else 0.0,

@@ -1,12 +1,22 @@
-"""``llmtool.json``: what an export directory holds and how it was made and validated."""
+"""``llmtool.json``: what an export directory holds and how it was made and validated.
+
+The file is the contract between export and runtime. :func:`read_manifest` returns it as the
+raw dict (reports print it); :class:`Manifest` is the typed view the runtime reads: layout,
+padding side and one :class:`CacheSpec` per fed-back cache tensor, with :data:`CACHE_DTYPES`
+the one table from a cache dtype name to its numpy dtype.
+"""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import platform
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from llmtool.errors import UsageError
 from llmtool.fsutil import sha256_file
@@ -75,6 +85,142 @@ def read_manifest(directory: Path) -> dict[str, Any]:
             "upgrade llmtool.",
         )
     return manifest
+
+
+# The dtypes a cache entry may have, by the name llmtool.json records.
+CACHE_DTYPES: dict[str, np.dtype[Any]] = {
+    "float32": np.dtype(np.float32),
+    "float16": np.dtype(np.float16),
+}
+PADDING_SIDES = ("left", "right")
+
+
+def _reexport(problem: str) -> UsageError:
+    return UsageError(f"{MANIFEST_NAME} {problem}", "re-export the model with `llmtool export`.")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """One fed-back cache tensor of an export: KV keys or values of a layer, or a recurrent state.
+
+    Attributes:
+        past: Graph input that takes the previous step's value.
+        present: Graph output that returns the updated value.
+        dims: Symbolic shape: ``"batch"``, ``"past_sequence"`` (tokens held) or a fixed size,
+            e.g. ``["batch", kv_heads, "past_sequence", head_dim]`` or ``["batch", hidden]``.
+        dtype: ``float32`` or ``float16`` (a key of :data:`CACHE_DTYPES`).
+        sequence_axis: Axis that grows with the tokens held; None for a recurrent state.
+    """
+
+    past: str
+    present: str
+    dims: tuple[str | int, ...]
+    dtype: str
+    sequence_axis: int | None
+
+    @classmethod
+    def from_entry(cls, entry: Mapping[str, Any]) -> CacheSpec:
+        """The spec of one ``cache`` entry of llmtool.json.
+
+        Raises:
+            UsageError: A dtype outside :data:`CACHE_DTYPES` or a malformed entry.
+        """
+        try:
+            dims = tuple(d if d in ("batch", "past_sequence") else int(d) for d in entry["shape"])
+            dtype = str(entry["dtype"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise _reexport(f"has a malformed cache entry ({e})") from e
+        if dtype not in CACHE_DTYPES:
+            raise _reexport(f"gives a cache dtype llmtool cannot run ({dtype!r})")
+        # Older exports lack sequence_axis: it is where the shape says past_sequence.
+        axis = dims.index("past_sequence") if "past_sequence" in dims else None
+        return cls(
+            past=entry.get("input", ""),
+            present=entry.get("output", ""),
+            dims=dims,
+            dtype=dtype,
+            sequence_axis=entry.get("sequence_axis", axis),
+        )
+
+    @property
+    def name(self) -> str:
+        """The key of this tensor in a cache dict (its past input's name)."""
+        return self.past
+
+    @property
+    def np_dtype(self) -> np.dtype[Any]:
+        """The numpy dtype of the tensor."""
+        return CACHE_DTYPES[self.dtype]
+
+    def shape(self, batch: int, length: int) -> list[int]:
+        """The concrete shape for ``batch`` rows holding ``length`` tokens."""
+        sizes = {"batch": batch, "past_sequence": length}
+        return [sizes[d] if isinstance(d, str) else d for d in self.dims]
+
+    def nbytes(self, batch: int, length: int, itemsize: int | None = None) -> int:
+        """Bytes of the tensor for ``batch`` rows holding ``length`` tokens.
+
+        Args:
+            batch: Rows.
+            length: Tokens held (ignored by a recurrent state).
+            itemsize: Bytes per element; default the entry's dtype.
+        """
+        return int(np.prod(self.shape(batch, length), dtype=np.int64)) * (
+            itemsize or self.np_dtype.itemsize
+        )
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The typed view of an export's ``llmtool.json`` that the runtime reads.
+
+    Attributes:
+        raw: The file as read (reports print it; fields without a typed view live only here).
+        layout: ``standard`` (growing cache) or ``fused`` (preallocated in-place cache).
+        padding: The side a batch is padded on: ``left`` for standard, ``right`` for fused.
+        model_file: The ONNX file, inside the export directory.
+        cache: One spec per fed-back cache tensor, in graph order.
+        vocab_size: Logits per position.
+        max_positions: The model's context (None when unbounded, e.g. recurrent models).
+    """
+
+    raw: dict[str, Any] = field(repr=False)
+    layout: str
+    padding: str
+    model_file: str
+    cache: tuple[CacheSpec, ...]
+    vocab_size: int
+    max_positions: int | None
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> Manifest:
+        """The typed view of a manifest dict (as :func:`read_manifest` returns it).
+
+        Raises:
+            UsageError: A required field is missing or a cache entry is unusable.
+        """
+        layout = raw.get("layout", "standard")
+        # Exports before the padding field pad as their layout implies.
+        padding = raw.get("padding") or ("right" if layout == "fused" else "left")
+        if padding not in PADDING_SIDES:
+            raise _reexport(f"gives an unknown padding side ({padding!r})")
+        try:
+            return cls(
+                raw=raw,
+                layout=layout,
+                padding=padding,
+                model_file=raw["model_file"],
+                cache=tuple(CacheSpec.from_entry(e) for e in raw["cache"]),
+                vocab_size=int(raw["vocab_size"]),
+                max_positions=raw.get("max_positions"),
+            )
+        except (KeyError, TypeError) as e:
+            raise _reexport(f"lacks the field {e}") from e
+
+    @classmethod
+    def read(cls, directory: Path) -> Manifest:
+        """Read and check ``llmtool.json`` of an export directory (see :func:`read_manifest`)."""
+        return cls.from_dict(read_manifest(directory))
 
 
 # How an external-data reference starts inside an ONNX file (StringStringEntryProto key

@@ -16,7 +16,7 @@ ARCHS = ("gpt2", "llama")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    from llmtool.runtime.model import cuda_available
+    from llmtool.runtime.session import cuda_available
 
     if cuda_available():
         return

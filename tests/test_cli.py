@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from llmtool.cli import app
 from llmtool.hugepages import malloc_env, malloc_uses_huge_pages
-from llmtool.runtime.model import cuda_available
+from llmtool.runtime.session import cuda_available
 
 runner = CliRunner()
 

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from llmtool.cli import app
 from llmtool.errors import UsageError, classify
-from llmtool.runtime.model import cuda_available
+from llmtool.runtime.session import cuda_available
 
 runner = CliRunner()
 

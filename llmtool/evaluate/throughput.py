@@ -32,10 +32,11 @@ import numpy as np
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.hardware import PeakRss, gpu_memory_used, peak_bandwidth
+from llmtool.manifest import CacheSpec
+from llmtool.runtime.decoders import cache_length
 from llmtool.runtime.model import OnnxCausalLM
 
 BACKENDS = ("onnx", "pytorch")
-ITEMSIZE = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 @dataclass(frozen=True)
@@ -114,23 +115,21 @@ class RunTiming:
 
 
 def cache_bytes(
-    entries: Sequence[dict[str, Any]], batch: int, length: int, itemsize: int | None = None
+    entries: Sequence[CacheSpec | dict[str, Any]],
+    batch: int,
+    length: int,
+    itemsize: int | None = None,
 ) -> int:
     """Bytes of a KV cache (or recurrent state) for ``batch`` rows holding ``length`` tokens.
 
     Args:
-        entries: The export's ``cache`` entries (shape with ``batch`` / ``past_sequence`` axes).
+        entries: The export's cache specs (or its llmtool.json ``cache`` entries).
         batch: Rows.
         length: Tokens in the cache.
         itemsize: Bytes per element; default each entry's dtype.
     """
-    total = 0
-    for entry in entries:
-        size = itemsize or ITEMSIZE.get(entry["dtype"], 4)
-        for d in entry["shape"]:
-            size *= batch if d == "batch" else length if d == "past_sequence" else int(d)
-        total += size
-    return total
+    specs = [e if isinstance(e, CacheSpec) else CacheSpec.from_entry(e) for e in entries]
+    return sum(spec.nbytes(batch, length, itemsize) for spec in specs)
 
 
 class OnnxBackend:
@@ -145,8 +144,6 @@ class OnnxBackend:
         self.cache_itemsize: int | None = None
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> RunTiming:
-        from llmtool.generate import cache_length
-
         batch, length = prompts.shape
         decoder = self.model.decoder(batch, cache_length(self.model, length + new_tokens))
         rows = prompts.tolist()
@@ -222,7 +219,7 @@ def summarize(
     backend: Any,
     scenario: Scenario,
     runs: list[RunTiming],
-    cache_entries: Sequence[dict[str, Any]],
+    cache_entries: Sequence[CacheSpec],
     peak: dict[str, Any],
     peak_rss: int,
     device_memory: int | None,

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
+from llmtool.runtime.decoders import mask_positions, pad_rows
 from llmtool.runtime.model import OnnxCausalLM
 
 VALIDATION_PROMPTS = (
@@ -76,17 +77,6 @@ def _torch_logits(model: Any, ids: list[int]) -> np.ndarray:
     return out.logits[0].float().numpy()
 
 
-def _padded(rows: list[list[int]], side: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    length = max(len(r) for r in rows)
-    ids = np.zeros((len(rows), length), dtype=np.int64)
-    mask = np.zeros_like(ids)
-    for i, row in enumerate(rows):
-        span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
-        ids[i, span], mask[i, span] = row, 1
-    positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-    return ids, mask, positions
-
-
 def validate_export(
     onnx_model: OnnxCausalLM,
     torch_model: Any,
@@ -118,8 +108,9 @@ def validate_export(
             greedy[b].append(int(last.argmax()))
     tokens = np.array(greedy, dtype=np.int64)
 
-    side = "right" if onnx_model.layout == "fused" else "left"
-    ids, mask, positions = _padded(rows, side)
+    side = onnx_model.padding
+    ids, mask = pad_rows(rows, side)
+    positions = mask_positions(mask)
     logits, _ = onnx_model.forward(ids, mask, positions, onnx_model.empty_cache(n))
     prefill_diff = 0.0
     for b in range(n):

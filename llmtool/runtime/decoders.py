@@ -1,6 +1,8 @@
 """KV-cache management for generation: one prefill, then one token per row per step.
 
-Two strategies behind one interface (:class:`Decoder`):
+This module holds the cache side of the runtime: the empty cache, the padding of prompt rows
+(:func:`pad_rows`), the cache length a generation asks for (:func:`cache_length`) and two
+strategies behind one interface (:class:`Decoder`):
 
 * :class:`StandardDecoder` drives a standard export through :meth:`OnnxCausalLM.forward`:
   left padding, numpy feeds, the cache returned by one step fed to the next (it grows).
@@ -9,19 +11,79 @@ Two strategies behind one interface (:class:`Decoder`):
   it in place), inputs and outputs in fixed device buffers, and on CUDA the decode step captured
   once as a CUDA graph and replayed. Only the chosen token ids (greedy) or the last-position
   logits (sampling) cross to the host.
+
+Decoders drive a :class:`DecoderModel`: in practice the
+:class:`~llmtool.runtime.model.OnnxCausalLM` that builds them, which this module need not import.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import numpy as np
 
 from llmtool.errors import UsageError
+from llmtool.manifest import CacheSpec
 
-if TYPE_CHECKING:
-    from llmtool.runtime.model import OnnxCausalLM
+
+class DecoderModel(Protocol):
+    """What a decoder needs of the model it drives (:class:`~llmtool.runtime.model.OnnxCausalLM`)."""
+
+    session: Any
+    provider: str
+    cuda_graph: bool
+    run_options: Any
+    input_names: set[str]
+    cache_entries: tuple[CacheSpec, ...]
+    vocab_size: int
+    max_positions: int | None
+
+    def forward(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        position_ids: np.ndarray,
+        cache: dict[str, np.ndarray],
+    ) -> tuple[np.ndarray, dict[str, np.ndarray]]: ...
+
+    def graph_run_options(self, graph_id: int) -> Any: ...
+
+    def new_graph_id(self) -> int: ...
+
+
+def empty_cache(specs: Sequence[CacheSpec], batch: int) -> dict[str, np.ndarray]:
+    """A cache for ``batch`` sequences that have seen nothing: zero past length or zero state."""
+    return {s.name: np.zeros(s.shape(batch, 0), dtype=s.np_dtype) for s in specs}
+
+
+def pad_rows(
+    rows: Sequence[Sequence[int]], side: str, pad_id: int = 0
+) -> tuple[np.ndarray, np.ndarray]:
+    """Pad token rows of different lengths into one batch.
+
+    Args:
+        rows: Token ids of each row.
+        side: ``left`` (standard exports: every row ends at the last column) or ``right``
+            (fused exports: every row starts at column 0).
+        pad_id: Token id put in the padding.
+
+    Returns:
+        ids [batch, length] int64 and attention mask [batch, length] int64 (1 on real tokens),
+        ``length`` being the longest row's.
+    """
+    length = max(len(r) for r in rows)
+    ids = np.full((len(rows), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(rows), length), dtype=np.int64)
+    for i, row in enumerate(rows):
+        span = slice(length - len(row), length) if side == "left" else slice(0, len(row))
+        ids[i, span], mask[i, span] = row, 1
+    return ids, mask
+
+
+def mask_positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids [batch, length] that count real tokens only; padding gets 0 (masked anyway)."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
 
 
 class Step:
@@ -56,22 +118,18 @@ class Decoder:
 class StandardDecoder(Decoder):
     """Left-padded batches over the standard graph; the cache grows by concatenation."""
 
-    def __init__(self, model: OnnxCausalLM, batch: int) -> None:
+    padding = "left"
+
+    def __init__(self, model: DecoderModel, batch: int) -> None:
         self.model = model
         self.batch = batch
         self.pad_id = 0
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> Step:
-        length = max(len(r) for r in rows)
-        n = len(rows)
-        ids = np.full((n, length), self.pad_id, dtype=np.int64)
-        mask = np.zeros((n, length), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, length - len(row) :] = row
-            mask[i, length - len(row) :] = 1
-        # Positions count real tokens only; padding gets position 0 (masked anyway).
-        positions = np.clip(np.cumsum(mask, axis=1) - 1, 0, None)
-        logits, self.cache = self.model.forward(ids, mask, positions, self.model.empty_cache(n))
+        ids, mask = pad_rows(rows, self.padding, self.pad_id)  # [B, L] each
+        positions = mask_positions(mask)
+        cache = empty_cache(self.model.cache_entries, len(rows))
+        logits, self.cache = self.model.forward(ids, mask, positions, cache)
         self.mask = mask
         self.positions = positions[:, -1]
         return Step(logits[:, -1, :])
@@ -89,7 +147,9 @@ class StandardDecoder(Decoder):
 class FusedDecoder(Decoder):
     """Right-padded batches over the fused graph with a preallocated, in-place KV cache."""
 
-    def __init__(self, model: OnnxCausalLM, batch: int, max_length: int) -> None:
+    padding = "right"
+
+    def __init__(self, model: DecoderModel, batch: int, max_length: int) -> None:
         import onnxruntime as ort
 
         self.model = model
@@ -98,13 +158,10 @@ class FusedDecoder(Decoder):
         self.pad_id = 0
         self.device = "cuda" if model.provider == "cuda" else "cpu"
         new = ort.OrtValue.ortvalue_from_shape_and_type
-        dims = {"batch": batch, "past_sequence": max_length}
         # [B, KVH, max_length, D] per layer and kind, bound as past and present alike.
         self.cache = {
-            entry["input"]: new(
-                [dims.get(d, d) for d in entry["shape"]], _np_dtype(entry["dtype"]), self.device, 0
-            )
-            for entry in model.cache_entries
+            s.name: new(s.shape(batch, max_length), s.np_dtype, self.device, 0)
+            for s in model.cache_entries
         }
         self.uses_positions = "position_ids" in model.input_names
         # Fixed decode-step buffers: a CUDA graph replays with the same addresses every step.
@@ -125,9 +182,9 @@ class FusedDecoder(Decoder):
         io.bind_ortvalue_input("attention_mask", mask)
         if self.uses_positions:
             io.bind_ortvalue_input("position_ids", positions)
-        for entry in self.model.cache_entries:
-            io.bind_ortvalue_input(entry["input"], self.cache[entry["input"]])
-            io.bind_ortvalue_output(entry["output"], self.cache[entry["input"]])
+        for spec in self.model.cache_entries:
+            io.bind_ortvalue_input(spec.past, self.cache[spec.name])
+            io.bind_ortvalue_output(spec.present, self.cache[spec.name])
         io.bind_ortvalue_output("next_token", self.next_token)
         io.bind_ortvalue_output("last_logits", self.last_logits)
         return io
@@ -142,11 +199,7 @@ class FusedDecoder(Decoder):
             raise UsageError(
                 f"Prompt of {length} tokens leaves no room in a cache of {self.max_length}"
             )
-        ids = np.full((self.batch, length), self.pad_id, dtype=np.int64)
-        mask = np.zeros((self.batch, length), dtype=np.int64)
-        for i, row in enumerate(rows):
-            ids[i, : len(row)] = row
-            mask[i, : len(row)] = 1
+        ids, mask = pad_rows(rows, self.padding, self.pad_id)  # [B, L] each
         positions = np.tile(np.arange(length, dtype=np.int64), (self.batch, 1))
         value = ort.OrtValue.ortvalue_from_numpy
         # Prefill shapes vary with the prompt: a regular run (no CUDA graph).
@@ -175,5 +228,10 @@ class FusedDecoder(Decoder):
         return Step(self.last_logits, self.next_token)
 
 
-def _np_dtype(name: str) -> Any:
-    return {"float32": np.float32, "float16": np.float16}[name]
+CACHE_GRANULE = 64
+
+
+def cache_length(model: DecoderModel, needed: int) -> int:
+    """Cache length for ``needed`` tokens, rounded up so decoders (and CUDA graphs) are reused."""
+    length = -(-needed // CACHE_GRANULE) * CACHE_GRANULE
+    return min(length, model.max_positions) if model.max_positions else length
