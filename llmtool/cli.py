@@ -389,7 +389,7 @@ def eval_cmd(
     from llmtool.console import console, err_console
     from llmtool.errors import RegressionError
     from llmtool.evaluate.gate import parse_tolerance
-    from llmtool.evaluate.report import check_plot_path, rich_tables, write_reports
+    from llmtool.evaluate.render import check_plot_path, rich_tables, write_reports
     from llmtool.evaluate.run import EvalOptions, parse_backends, run_eval
     from llmtool.evaluate.throughput import parse_sizes
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
+from llmtool.runtime.decoders import cache_length
 from llmtool.runtime.model import OnnxCausalLM, SessionOptions
 from llmtool.sampling import Sampler, SamplingConfig
 
@@ -103,15 +104,6 @@ class _Detokenizer:
         delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
         self.emitted = text
         return delta
-
-
-CACHE_GRANULE = 64
-
-
-def cache_length(model: OnnxCausalLM, needed: int) -> int:
-    """Cache length for ``needed`` tokens, rounded up so decoders (and CUDA graphs) are reused."""
-    length = -(-needed // CACHE_GRANULE) * CACHE_GRANULE
-    return min(length, model.max_positions) if model.max_positions else length
 
 
 Prompt = str | Sequence[int]

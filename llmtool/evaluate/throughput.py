@@ -32,6 +32,7 @@ import numpy as np
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.hardware import PeakRss, gpu_memory_used, peak_bandwidth
+from llmtool.runtime.decoders import cache_length
 from llmtool.runtime.model import OnnxCausalLM
 
 BACKENDS = ("onnx", "pytorch")
@@ -145,8 +146,6 @@ class OnnxBackend:
         self.cache_itemsize: int | None = None
 
     def run(self, prompts: np.ndarray, new_tokens: int) -> RunTiming:
-        from llmtool.generate import cache_length
-
         batch, length = prompts.shape
         decoder = self.model.decoder(batch, cache_length(self.model, length + new_tokens))
         rows = prompts.tolist()

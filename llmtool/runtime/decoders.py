@@ -23,6 +23,14 @@ from llmtool.errors import UsageError
 if TYPE_CHECKING:
     from llmtool.runtime.model import OnnxCausalLM
 
+CACHE_GRANULE = 64
+
+
+def cache_length(model: OnnxCausalLM, needed: int) -> int:
+    """Cache length for ``needed`` tokens, rounded up so decoders (and CUDA graphs) are reused."""
+    length = -(-needed // CACHE_GRANULE) * CACHE_GRANULE
+    return min(length, model.max_positions) if model.max_positions else length
+
 
 class Step:
     """The result of one forward step: logits at each row's last position, fetched on demand."""
