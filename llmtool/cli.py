@@ -246,7 +246,8 @@ def generate_cmd(
     from llmtool.console import console, err_console
     from llmtool.generate import generate
     from llmtool.reports import generation_table
-    from llmtool.runtime.model import OnnxCausalLM, SessionOptions
+    from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.runtime.session import SessionOptions
     from llmtool.sampling import SamplingConfig
 
     prompts = _read_prompts(prompt, prompt_file)
@@ -389,7 +390,7 @@ def eval_cmd(
     from llmtool.console import console, err_console
     from llmtool.errors import RegressionError
     from llmtool.evaluate.gate import parse_tolerance
-    from llmtool.evaluate.report import check_plot_path, rich_tables, write_reports
+    from llmtool.evaluate.render import check_plot_path, rich_tables, write_reports
     from llmtool.evaluate.run import EvalOptions, parse_backends, run_eval
     from llmtool.evaluate.throughput import parse_sizes
 

@@ -1,14 +1,20 @@
-"""Atomic outputs: everything is written under a temporary name and renamed into place."""
+"""Files: atomic outputs (written under a temporary name and renamed into place), text input.
+
+Text input is decoded in one place (:func:`decode_text`) so that every command reports a file that
+is not UTF-8 with the same sentence: the file and the bad byte's offset.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 from llmtool.errors import UsageError, interrupted
 
@@ -115,8 +121,23 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def decode_text(raw: bytes, path: Path) -> str:
-    """UTF-8 text of a file's bytes, with an error naming the file and the bad byte's offset."""
+def write_json(path: str | Path, data: Any) -> Path:
+    """Write ``data`` as indented JSON, atomically.
+
+    Returns:
+        The path written.
+    """
+    path = Path(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    return path
+
+
+def decode_text(raw: bytes, path: str | Path) -> str:
+    """UTF-8 text of a file's bytes.
+
+    Raises:
+        UsageError: Not UTF-8; the message names the file and the bad byte's offset.
+    """
     try:
         return raw.decode("utf-8")
     except UnicodeDecodeError as e:

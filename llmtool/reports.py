@@ -1,21 +1,14 @@
-"""Rich tables and JSON files for the results of export, generate and eval."""
+"""Rich tables for the results of export, generate and train.
+
+``llmtool eval`` renders its own report (:mod:`llmtool.evaluate.render`).
+"""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 from rich.table import Table
-
-from llmtool.fsutil import atomic_write_text
-
-
-def write_json(path: str | Path, data: Any) -> Path:
-    """Write ``data`` as indented JSON, atomically."""
-    path = Path(path)
-    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-    return path
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -70,22 +63,6 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
     table.caption = (
         f"{manifest['parameters'] / 1e6:.1f}M parameters · {weights} · opset {manifest['opset']} · "
         f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} {v.get('padding', 'left')}-padded"
-    )
-    return table
-
-
-def perplexity_table(result: dict[str, Any], title: str = "Perplexity") -> Table:
-    """Perplexity, NLL, bits per byte and the window settings."""
-    table = Table(title=title)
-    table.add_column("metric")
-    table.add_column("value", justify="right")
-    table.add_row("perplexity (token)", _fmt(result["perplexity"], 6))
-    table.add_row("mean NLL (nats/token)", _fmt(result["nll"], 6))
-    table.add_row("bits per byte", _fmt(result["bits_per_byte"], 5))
-    table.add_row("tokens scored", f"{result['tokens']:,}")
-    table.add_row("window / stride", f"{result['max_length']} / {result['stride']}")
-    table.caption = (
-        f"{result['windows']} windows on {result['provider']} in {result['seconds']:.1f} s"
     )
     return table
 

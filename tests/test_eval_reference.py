@@ -7,7 +7,8 @@ import pytest
 
 from conftest import save_tiny_model
 from llmtool.errors import UsageError
-from llmtool.evaluate.perplexity import evaluate_perplexity, load_reference
+from llmtool.evaluate.perplexity import evaluate_perplexity
+from llmtool.evaluate.reference import load_reference
 from llmtool.runtime import OnnxCausalLM
 
 

@@ -13,7 +13,8 @@ from typer.testing import CliRunner
 from conftest import SAMPLE_TEXT
 from llmtool.cli import app
 from llmtool.errors import UsageError
-from llmtool.evaluate.report import check_plot_path, json_safe
+from llmtool.evaluate.record import json_safe
+from llmtool.evaluate.render import check_plot_path
 from llmtool.evaluate.schema import SCHEMA
 
 runner = CliRunner()

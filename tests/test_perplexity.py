@@ -10,7 +10,7 @@ import pytest
 from conftest import load_hf
 from llmtool.errors import UsageError
 from llmtool.evaluate import evaluate_perplexity
-from llmtool.evaluate.windows import plan_windows
+from llmtool.evaluate.protocols import plan_windows
 
 
 @pytest.mark.parametrize(
@@ -109,7 +109,7 @@ def test_missing_data_file(tiny_export, tmp_path):
 
 
 def test_token_nll_matches_log_softmax():
-    from llmtool.evaluate.windows import token_nll
+    from llmtool.evaluate.metrics import token_nll
 
     rng = np.random.default_rng(0)
     logits = rng.normal(scale=5, size=(7, 50)).astype(np.float32)

@@ -3,6 +3,12 @@
 Entry points: :func:`llmtool.evaluate.run.run_eval` (everything the command does, in order) and
 :func:`evaluate_perplexity` (the library call for one model and one corpus).
 
+Modules: ``data`` (documents), ``protocols`` (the one walk: which tokens each pass feeds and
+scores), ``metrics`` (pure numpy: NLL, intervals, fidelity figures), ``reference`` (the model
+compared with, and the quantization gate), ``perplexity``, ``throughput``, ``record`` and
+``schema`` (the ``--json`` record), ``gate`` (against a baseline), ``render`` (tables, Markdown,
+plot), ``run``.
+
 Names are imported on first use so that importing the package stays cheap for the CLI.
 """
 

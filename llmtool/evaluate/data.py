@@ -15,6 +15,7 @@ from pathlib import Path
 
 from llmtool import defaults
 from llmtool.errors import UsageError
+from llmtool.fsutil import decode_text
 
 JSONL_SUFFIXES = (".jsonl",)
 WORD_SPLIT = re.compile(r"\s+")
@@ -58,17 +59,6 @@ class Corpus:
     sha256: str
     skipped: int = 0
     text_field: str | None = None
-
-
-def decode_text(raw: bytes, path: Path) -> str:
-    """UTF-8 text of a file's bytes, with an error naming the file and the bad byte's offset."""
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UsageError(
-            f"{path} is not valid UTF-8 (bad byte at offset {e.start})",
-            "convert the file to UTF-8.",
-        ) from e
 
 
 def data_format(path: Path) -> str:
@@ -174,3 +164,18 @@ def load_corpus(path: str | Path, text_field: str = defaults.EVAL_TEXT_FIELD) ->
         skipped=skipped,
         text_field=text_field if kind == "jsonl" else None,
     )
+
+
+def read_text(path: str | Path) -> str:
+    """Read one UTF-8 text file (the calibration text of a quantized export).
+
+    Raises:
+        UsageError: The file is missing, empty or not UTF-8.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise UsageError(f"Data file {path} does not exist", "pass a UTF-8 text file with --data.")
+    text = decode_text(path.read_bytes(), path)
+    if not text.strip():
+        raise UsageError(f"Data file {path} is empty", "pass a file with text in it.")
+    return text

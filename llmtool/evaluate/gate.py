@@ -26,9 +26,7 @@ from typing import Any
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-
-SCHEMA_NAME = "llmtool-eval"
-SCHEMA_VERSION = 1
+from llmtool.evaluate.schema import SCHEMA_NAME, SCHEMA_VERSION
 
 # Config keys that must agree, per report section.
 COMPARED = {

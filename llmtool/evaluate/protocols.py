@@ -3,7 +3,7 @@
 Three conventions give three different numbers on the same text; each is reproduced exactly.
 A document's tokens are ``t[0..N)``; every pass runs one row with no past.
 
-``hf`` (transformers' perplexity guide; :func:`llmtool.evaluate.windows.plan_windows`)
+``hf`` (transformers' perplexity guide; :func:`plan_windows`)
     The text tokenized with the tokenizer's special tokens. Windows of ``max_length`` tokens start
     every ``stride`` tokens; each scores only the tokens no earlier window scored, so every token
     but ``t[0]`` is scored once. PPL = exp(ΣNLL / scored tokens).
@@ -21,6 +21,9 @@ A document's tokens are ``t[0..N)``; every pass runs one row with no past.
     tokens (the remainder is dropped). A chunk's first token is replaced by BOS when the tokenizer
     adds BOS; only the second half is scored: the logits at chunk positions ``L/2 .. L-2`` score
     the tokens at ``L/2 + 1 .. L-1`` (``L - 1 - L/2`` tokens a chunk).
+
+:meth:`Protocol.passes` is the one walk over a document: ``llmtool eval``, the comparison with a
+reference and the fidelity gate of a quantized export all score the :class:`Pass` es it yields.
 """
 
 from __future__ import annotations
@@ -32,9 +35,50 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import UsageError
-from llmtool.evaluate.windows import plan_windows
 
 PROTOCOLS = ("hf", "lm-eval", "llama-cpp")
+
+# logits_fn(input_ids [1, L] int64) -> logits [1, L, V] float32, for one row with no past.
+LogitsFn = Callable[[np.ndarray], np.ndarray]
+
+
+@dataclass(frozen=True)
+class Window:
+    """One ``hf`` window: tokens [begin, end) are fed, targets [score_from, end) are scored."""
+
+    begin: int
+    end: int
+    score_from: int
+
+
+def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """The windows of the transformers guide's loop over ``n_tokens`` tokens.
+
+    Windows of ``max_length`` tokens start every ``stride`` tokens; each scores only the tokens no
+    earlier window scored (never a window's first token, which has no context in it).
+
+    Raises:
+        UsageError: Fewer than two tokens, or a stride outside [1, max_length].
+    """
+    if n_tokens < 2:
+        raise UsageError(
+            "The text has fewer than 2 tokens, so nothing can be scored", "use a longer text."
+        )
+    if max_length < 2:
+        raise UsageError(f"--max-length must be at least 2, got {max_length}")
+    if not 1 <= stride <= max_length:
+        raise UsageError(
+            f"--stride must be between 1 and --max-length ({max_length}), got {stride}"
+        )
+    windows = []
+    prev_end = 0
+    for begin in range(0, n_tokens, stride):
+        end = min(begin + max_length, n_tokens)
+        windows.append(Window(begin, end, max(prev_end, begin + 1)))
+        prev_end = end
+        if end == n_tokens:
+            break
+    return windows
 
 
 @dataclass(frozen=True)
@@ -55,6 +99,7 @@ class Pass:
 def hf_passes(ids: np.ndarray, max_length: int, stride: int) -> Iterator[Pass]:
     """Passes of the transformers guide's sliding window (see :func:`plan_windows`)."""
     for w in plan_windows(len(ids), max_length, stride):
+        # Target t is predicted at position t - 1 (window-relative).
         yield Pass(ids[w.begin : w.end], w.score_from - w.begin - 1, ids[w.score_from : w.end])
 
 
@@ -197,9 +242,6 @@ def make_protocol(
     if name == "llama-cpp" and tokenizer_adds_bos(tokenizer):
         bos_id = tokenizer.bos_token_id
     return Protocol(name, max_length, stride, prefix_id, bos_id)
-
-
-LogitsFn = Callable[[np.ndarray], np.ndarray]
 
 
 def scored_logits(logits_fn: LogitsFn, p: Pass) -> np.ndarray:

@@ -1,9 +1,10 @@
 """``llmtool eval`` as one library call: perplexity, fidelity, throughput and the baseline gate.
 
-:func:`run_eval` resolves every setting first (data hash, window, stride, shapes, execution
-provider), refuses a baseline measured with another config before measuring anything, then
-runs, in this order so that the PyTorch model does not sit in memory during the ONNX timings:
-ONNX throughput, perplexity (with the reference), PyTorch throughput.
+:func:`run_eval` resolves every setting first (:func:`resolve`: data hash, window, stride,
+shapes, execution provider; :func:`eval_config`), refuses a baseline measured with another config
+before measuring anything, then runs, in this order so that the PyTorch model does not sit in
+memory during the ONNX timings: ONNX throughput, perplexity with the reference
+(:func:`measure_perplexity`), PyTorch throughput (:func:`measure_pytorch_throughput`).
 """
 
 from __future__ import annotations
@@ -12,11 +13,18 @@ import contextlib
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.evaluate.gate import GateResult, Tolerance
+
+if TYPE_CHECKING:
+    from llmtool.evaluate.data import Corpus
+    from llmtool.evaluate.protocols import Protocol
+    from llmtool.evaluate.reference import Reference
+    from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.runtime.session import SessionOptions
 
 # on_progress(description, done, total): total None while unknown.
 ProgressFn = Callable[[str, int, "int | None"], None]
@@ -139,50 +147,38 @@ def _pytorch_spec(model: Any, options: EvalOptions) -> str:
     return str(source)
 
 
-def run_eval(
-    model_dir: str | Path,
-    options: EvalOptions,
-    *,
-    baseline: str | Path | None = None,
-    tolerance: Tolerance | None = None,
-    on_progress: ProgressFn | None = None,
-) -> EvalReport:
-    """Evaluate an export: perplexity and fidelity on data, throughput, and a baseline gate.
+@dataclass
+class Settings:
+    """Every setting of a run, resolved before anything is measured.
 
-    Args:
-        model_dir: The export directory.
-        options: What to measure.
-        baseline: An earlier ``--json`` report to compare with.
-        tolerance: How much worse a metric may get (defaults in :mod:`llmtool.defaults`).
-        on_progress: Progress callback ``(description, done, total)``.
+    Attributes:
+        model: The export, loaded.
+        session_options: ONNX Runtime settings (also used for an ONNX reference).
+        corpus: The documents to score (None without ``--data``).
+        protocol: The perplexity protocol (None without ``--data``).
+        pytorch_spec: The PyTorch model of ``--backend pytorch`` (None without it).
+    """
 
-    Returns:
-        The record and, with a baseline, the gate's verdict (the caller decides the exit code).
+    model: OnnxCausalLM
+    session_options: SessionOptions
+    corpus: Corpus | None = None
+    protocol: Protocol | None = None
+    pytorch_spec: str | None = None
+
+
+def resolve(model_dir: str | Path, options: EvalOptions, progress: ProgressFn) -> Settings:
+    """Load the export and check every setting (data, window, scenarios, PyTorch model).
 
     Raises:
-        UsageError: Bad input, or a baseline measured with another config (exit code 2).
+        UsageError: Bad data or options.
     """
     from llmtool.evaluate.data import load_corpus
-    from llmtool.evaluate.gate import check_config, compare, read_baseline
-    from llmtool.evaluate.perplexity import (
-        check_max_length,
-        evaluate_perplexity,
-        load_reference,
-        torch_device,
-    )
+    from llmtool.evaluate.perplexity import check_max_length
     from llmtool.evaluate.protocols import make_protocol
-    from llmtool.evaluate.report import build_record
-    from llmtool.evaluate.throughput import measure_throughput, plan_scenarios
-    from llmtool.hardware import environment
-    from llmtool.runtime.model import OnnxCausalLM, SessionOptions
+    from llmtool.evaluate.throughput import plan_scenarios
+    from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.runtime.session import SessionOptions
 
-    def progress(description: str, done: int, total: int | None) -> None:
-        if on_progress is not None:
-            on_progress(description, done, total)
-
-    _check_options(options)
-    tolerance = tolerance or Tolerance()
-    baseline_record = read_baseline(baseline) if baseline is not None else None
     session_options = SessionOptions(
         intra_op_threads=options.threads,
         graph_optimization=options.graph_optimization,
@@ -191,12 +187,13 @@ def run_eval(
     )
     progress("Loading the export", 0, None)
     model = OnnxCausalLM(model_dir, options.provider, options=session_options)
-
-    corpus = protocol = None
+    settings = Settings(model, session_options)
     if options.data is not None:
-        corpus = load_corpus(options.data, options.text_field)
+        settings.corpus = load_corpus(options.data, options.text_field)
         max_length = check_max_length(model, options.max_length)
-        protocol = make_protocol(options.protocol, model.tokenizer, max_length, options.stride)
+        settings.protocol = make_protocol(
+            options.protocol, model.tokenizer, max_length, options.stride
+        )
     if options.throughput:
         plan_scenarios(
             model,
@@ -206,8 +203,21 @@ def run_eval(
             options.warmup,
             options.repeats,
         )
-    pytorch_spec = _pytorch_spec(model, options) if "pytorch" in options.backends else None
-    config = {
+    if "pytorch" in options.backends:
+        settings.pytorch_spec = _pytorch_spec(model, options)
+    return settings
+
+
+def eval_config(
+    model_dir: str | Path,
+    options: EvalOptions,
+    settings: Settings,
+    baseline: str | Path | None,
+    tolerance: Tolerance,
+) -> dict[str, Any]:
+    """The record's ``config``: what was measured and how (the gate compares it first)."""
+    model, corpus, protocol = settings.model, settings.corpus, settings.protocol
+    return {
         "model": str(model_dir),
         "model_type": model.manifest.get("model_type"),
         "dtype": model.manifest.get("dtype"),
@@ -241,15 +251,117 @@ def run_eval(
             "warmup": options.warmup,
             "repeats": options.repeats,
             "backends": list(options.backends),
-            "pytorch_model": pytorch_spec,
+            "pytorch_model": settings.pytorch_spec,
         },
         "baseline": None if baseline is None else str(baseline),
         "tolerance": asdict(tolerance) if baseline is not None else None,
     }
+
+
+def measure_perplexity(
+    settings: Settings, options: EvalOptions, progress: ProgressFn
+) -> tuple[dict[str, Any], Reference | None]:
+    """Perplexity (and fidelity to ``--reference``) on the corpus; the reference, for reuse."""
+    from llmtool.evaluate.perplexity import evaluate_perplexity
+    from llmtool.evaluate.reference import load_reference
+
+    assert settings.corpus is not None and settings.protocol is not None
+    protocol = settings.protocol
+    reference = None
+    if options.reference is not None:
+        progress(f"Loading the reference {options.reference}", 0, None)
+        reference = load_reference(
+            options.reference,
+            options.provider,
+            settings.session_options,
+            allow_pickle=options.allow_pickle,
+        )
+    with torch_threads(options.threads if reference is not None else 0):
+        result = evaluate_perplexity(
+            settings.model,
+            settings.corpus,
+            max_length=protocol.max_length,
+            stride=protocol.stride if protocol.name == "hf" else None,
+            protocol=protocol.name,
+            reference=reference,
+            on_window=lambda done, total: progress("Scoring", done, total),
+        )
+    return result.to_dict(), reference
+
+
+def measure_pytorch_throughput(
+    settings: Settings,
+    options: EvalOptions,
+    reference: Reference | None,
+    scenarios: dict[str, Any],
+    progress: ProgressFn,
+) -> dict[str, Any]:
+    """Throughput of the PyTorch model (``--backend pytorch``), reusing a PyTorch reference."""
+    from llmtool.evaluate.reference import torch_device
+    from llmtool.evaluate.throughput import measure_throughput
+
+    spec, model = settings.pytorch_spec, settings.model
+    if reference is not None and reference.kind == "pytorch" and reference.spec == spec:
+        torch_model, device = reference.model.model, reference.device
+    else:
+        from llmtool.models.loading import load_model
+
+        progress(f"Loading the PyTorch model {spec}", 0, None)
+        torch_model = load_model(str(spec), allow_pickle=options.allow_pickle).model
+        device = torch_device(options.provider)
+        torch_model.to(device)
+    if device == "cuda" and model.manifest.get("dtype") == "fp16":
+        import torch
+
+        torch_model.to(torch.float16)
+    with torch_threads(options.threads):
+        return measure_throughput(
+            model, **scenarios, onnx=False, pytorch=torch_model, pytorch_device=device
+        )
+
+
+def run_eval(
+    model_dir: str | Path,
+    options: EvalOptions,
+    *,
+    baseline: str | Path | None = None,
+    tolerance: Tolerance | None = None,
+    on_progress: ProgressFn | None = None,
+) -> EvalReport:
+    """Evaluate an export: perplexity and fidelity on data, throughput, and a baseline gate.
+
+    Args:
+        model_dir: The export directory.
+        options: What to measure.
+        baseline: An earlier ``--json`` report to compare with.
+        tolerance: How much worse a metric may get (defaults in :mod:`llmtool.defaults`).
+        on_progress: Progress callback ``(description, done, total)``.
+
+    Returns:
+        The record and, with a baseline, the gate's verdict (the caller decides the exit code).
+
+    Raises:
+        UsageError: Bad input, or a baseline measured with another config (exit code 2).
+    """
+    from llmtool.evaluate.gate import check_config, compare, read_baseline
+    from llmtool.evaluate.record import build_record
+    from llmtool.evaluate.throughput import measure_throughput
+    from llmtool.hardware import environment
+
+    def progress(description: str, done: int, total: int | None) -> None:
+        if on_progress is not None:
+            on_progress(description, done, total)
+
+    _check_options(options)
+    tolerance = tolerance or Tolerance()
+    baseline_record = read_baseline(baseline) if baseline is not None else None
+    settings = resolve(model_dir, options, progress)
+    model = settings.model
+    config = eval_config(model_dir, options, settings, baseline, tolerance)
     if baseline_record is not None:
         check_config(baseline_record, config, str(baseline))
 
-    scenario_kwargs: dict[str, Any] = {
+    scenarios: dict[str, Any] = {
         "batch_sizes": options.batch_sizes,
         "prompt_lengths": options.prompt_lengths,
         "new_tokens": options.new_tokens,
@@ -257,51 +369,12 @@ def run_eval(
         "repeats": options.repeats,
         "on_scenario": lambda label, done, total: progress(f"Timing {label}", done, total),
     }
-    throughput = None
-    if options.throughput:
-        throughput = measure_throughput(model, **scenario_kwargs)
-
-    perplexity = None
-    reference = None
-    if corpus is not None and protocol is not None:
-        if options.reference is not None:
-            progress(f"Loading the reference {options.reference}", 0, None)
-            reference = load_reference(
-                options.reference,
-                options.provider,
-                session_options,
-                allow_pickle=options.allow_pickle,
-            )
-        with torch_threads(options.threads if reference is not None else 0):
-            result = evaluate_perplexity(
-                model,
-                corpus,
-                max_length=protocol.max_length,
-                stride=protocol.stride if protocol.name == "hf" else None,
-                protocol=protocol.name,
-                reference=reference,
-                on_window=lambda done, total: progress("Scoring", done, total),
-            )
-        perplexity = result.to_dict()
-
-    if pytorch_spec is not None and throughput is not None:
-        if reference is not None and reference.kind == "pytorch" and reference.spec == pytorch_spec:
-            torch_model, device = reference.model.model, reference.device
-        else:
-            from llmtool.models.loading import load_model
-
-            progress(f"Loading the PyTorch model {pytorch_spec}", 0, None)
-            torch_model = load_model(pytorch_spec, allow_pickle=options.allow_pickle).model
-            device = torch_device(options.provider)
-            torch_model.to(device)
-        if device == "cuda" and model.manifest.get("dtype") == "fp16":
-            import torch
-
-            torch_model.to(torch.float16)
-        with torch_threads(options.threads):
-            timed = measure_throughput(
-                model, **scenario_kwargs, onnx=False, pytorch=torch_model, pytorch_device=device
-            )
+    throughput = measure_throughput(model, **scenarios) if options.throughput else None
+    perplexity = reference = None
+    if settings.corpus is not None:
+        perplexity, reference = measure_perplexity(settings, options, progress)
+    if settings.pytorch_spec is not None and throughput is not None:
+        timed = measure_pytorch_throughput(settings, options, reference, scenarios, progress)
         throughput["scenarios"] += timed["scenarios"]
         throughput["peak_bandwidth"].update(timed["peak_bandwidth"])
 

@@ -4,13 +4,18 @@ Version 1 keeps the walking skeleton's top-level perplexity keys (``perplexity``
 ``bits_per_byte``, ``tokens``, ``max_length``, ``stride``, ``provider``) and adds the rest. A
 report without ``--data`` has no perplexity keys; one without ``--throughput`` no
 ``throughput``. Numbers that are not finite (a diverged model) are written as null.
+
+This is the one description of the record: :mod:`llmtool.evaluate.record` builds it,
+:mod:`llmtool.evaluate.gate` reads it back.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from llmtool.evaluate.gate import SCHEMA_NAME, SCHEMA_VERSION
+# The record's identity: a report names it, and the gate reads no report of a newer version.
+SCHEMA_NAME = "llmtool-eval"
+SCHEMA_VERSION = 1
 
 _NUMBER = {"type": "number"}
 _NULLABLE_NUMBER = {"type": ["number", "null"]}

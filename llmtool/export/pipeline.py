@@ -94,12 +94,12 @@ def export_model(
         UsageError: Bad input; nothing is written.
         ValidationError: The graph does not match PyTorch; nothing is written.
     """
-    from llmtool.evaluate.perplexity import read_text
+    from llmtool.evaluate.data import read_text
+    from llmtool.evaluate.reference import quantization_fidelity
     from llmtool.export.builders import GraphOptions, build_graph
     from llmtool.export.quantize import (
         check_quantize_options,
         describe,
-        measure_fidelity,
     )
     from llmtool.export.transformer import WeightFormat
     from llmtool.export.validate import validate_export
@@ -202,7 +202,7 @@ def export_model(
             stage(f"Measuring the {quantize} export's fidelity to fp32")
             t = time.perf_counter()
             manifest["quantization"] = describe(quantize, block_size, symmetric)
-            manifest["fidelity"] = measure_fidelity(
+            manifest["fidelity"] = quantization_fidelity(
                 session,
                 loaded.model,
                 calibration_text,
