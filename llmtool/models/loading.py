@@ -130,8 +130,9 @@ def resolve_spec(spec: str | Path) -> ModelSpec:
     )
 
 
-def _quiet_transformers() -> None:
-    # The GGUF reader draws progress bars and warns on stderr; llmtool reports its own stages.
+def quiet_transformers() -> None:
+    """Silence transformers' progress bars and warnings: llmtool reports its own stages."""
+    # The GGUF reader draws progress bars and warns on stderr.
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -260,6 +261,9 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedModel:
     """Load a PyTorch causal LM (fp32, eval mode, eager attention) and its tokenizer.
 
+    Any architecture ``AutoModelForCausalLM`` loads is accepted (and llmtool's recurrent models);
+    whether export can build it is the export registry's question.
+
     Args:
         spec: A :class:`ModelSpec` or the user's spec string.
         allow_pickle: Allow ``pytorch_model.bin`` weights (pickle can execute code).
@@ -272,7 +276,7 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
 
     if not isinstance(spec, ModelSpec):
         spec = resolve_spec(spec)
-    _quiet_transformers()
+    quiet_transformers()
     if spec.kind == "onnx_dir":
         raise UsageError(
             f"{spec.path} is an llmtool ONNX directory, not a PyTorch model",
@@ -280,10 +284,8 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
         )
     if spec.kind == "hf_dir":
         _check_weights(spec.path, allow_pickle)
+    # Any causal LM transformers loads is accepted: only export asks whether it can build it.
     config = read_config(spec)
-    from llmtool.export.builders import check_supported
-
-    check_supported(config)
     tokenizer = load_tokenizer(spec)
     from llmtool.models.recurrent_config import RecurrentConfig
 

@@ -493,9 +493,9 @@ def train_model(
     """
     from safetensors.torch import load_model
 
-    from llmtool.models.loading import _quiet_transformers
+    from llmtool.models.loading import quiet_transformers
 
-    _quiet_transformers()
+    quiet_transformers()
 
     def stage(text: str) -> None:
         if on_stage is not None:
