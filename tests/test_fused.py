@@ -105,10 +105,10 @@ def test_fused_perplexity_equals_standard(fused_export, sample_text_file):
 
 
 def test_every_transformer_family_has_a_fused_graph():
-    from llmtool.export.builders import BUILDERS, FUSED_TYPES, build_transformer
+    from llmtool.export.registry import ARCHITECTURES, fused_model_types
 
-    transformers_types = {t for t, b in BUILDERS.items() if b is build_transformer}
-    assert transformers_types == FUSED_TYPES
+    transformers_types = {t for t, a in ARCHITECTURES.items() if a.extract is not None}
+    assert transformers_types == set(fused_model_types())
 
 
 def test_cache_rows_hold_the_prompt(fused_export):

@@ -110,14 +110,14 @@ def test_head_matmul_graph_equals_gemm_graph(tiny_llama_export):
     import torch
 
     from conftest import load_hf
-    from llmtool.export.architectures import extract
+    from llmtool.export.registry import extract
     from llmtool.export.transformer import build_decoder_graph
 
     loaded = load_hf(tiny_llama_export[0])
     w = extract(loaded.model)
     import onnxruntime as ort
 
-    from llmtool.export.transformer import WeightFormat
+    from llmtool.export.contract import WeightFormat
 
     outs = []
     for head_matmul in (False, True):

@@ -1,8 +1,15 @@
 """``llmtool export``: a model spec to a validated ONNX directory.
 
 :func:`export_model` (:mod:`llmtool.export.pipeline`) is the entry point. The other modules build
-graphs: the registry of architectures, the neutral decoder description and its extractors, the
-standard, fused and recurrent graph builders, quantization, and validation against PyTorch.
+graphs:
+
+* ``registry``: one entry per ``config.model_type`` (extractor, graph builders, fused?,
+  quantizable?), :func:`~llmtool.export.registry.check_supported`, ``build_graph``;
+* ``contract``: what a builder returns (``BuiltGraph``, ``GraphIO``, the cache entries of
+  llmtool.json), ``GraphOptions``, ``WeightFormat``, dtype and op-domain constants;
+* ``weights`` (the neutral ``DecoderWeights``) and ``extractors`` (transformers model → it);
+* ``transformer`` (the standard KV-cache graph), ``fused`` (contrib ops), ``recurrent`` (LSTM /
+  RNN), on the small ``graph`` builder; ``quantize`` (int8 / int4 blocks); ``validate``.
 
 Names are imported on first use so that building a graph does not import the pipeline.
 """

@@ -6,6 +6,15 @@ outputs that keep sampling on the device:
   last_logits [batch, vocab] float32   logits at each row's last real token
   next_token  [batch] int64            argmax of last_logits (greedy)
 
+The next-token subgraph (``extra_outputs``) picks each row's last real position on the device::
+
+    attention_mask ─ReduceSum─► length [B] ─(-1)─► length_last ────────────┐
+    input_ids ─Shape─ConstantOfShape─ReduceSum─► S [B] ─(-1)─► chunk_last ─┴─Less, Where─► last [B]
+    logits [B, S, V] ─GatherElements(last, axis 1)─► last_logits [B, V] ─ArgMax─► next_token [B]
+
+(``length_last < chunk_last`` only in a right-padded prefill; a decode step has S = 1, so
+position 0.)
+
 Differences in contract, recorded in llmtool.json as ``"layout": "fused"``:
 
 * Rows are **right-padded**: ``attention_mask`` is 1 on each row's tokens from the left, then 0.
@@ -28,14 +37,13 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
-from llmtool.export.architectures import DecoderWeights, LayerWeights
+from llmtool.export.contract import MS_DOMAIN, BuiltGraph, GraphIO, WeightFormat
 from llmtool.export.graph import GraphBuilder
-from llmtool.export.transformer import GraphIO, WeightFormat, _DecoderGraph
+from llmtool.export.transformer import DecoderGraph
+from llmtool.export.weights import DecoderWeights, LayerWeights
 
-MS = "com.microsoft"
 
-
-class _FusedDecoderGraph(_DecoderGraph):
+class _FusedDecoderGraph(DecoderGraph):
     layout = "fused"
 
     def __init__(
@@ -91,20 +99,24 @@ class _FusedDecoderGraph(_DecoderGraph):
                 b = self.weight(f"{name}.bias", bias if bias is not None else np.zeros_like(weight))
                 y = g.op("LayerNormalization", [x, w, b], axis=-1, epsilon=eps, stash_type=1)
             return y, x
-        base = g._fresh("SkipNorm")
+        base = g.fresh_name("SkipNorm")
         names = [f"{base}/out", "", "", f"{base}/sum"]
         if rms:
             y, _, _, total = g.op(
                 "SkipSimplifiedLayerNormalization",
                 [x, skip, w],
-                domain=MS,
+                domain=MS_DOMAIN,
                 names=names,
                 epsilon=eps,
             )
         else:
             b = self.weight(f"{name}.bias", bias if bias is not None else np.zeros_like(weight))
             y, _, _, total = g.op(
-                "SkipLayerNormalization", [x, skip, w, b], domain=MS, names=names, epsilon=eps
+                "SkipLayerNormalization",
+                [x, skip, w, b],
+                domain=MS_DOMAIN,
+                names=names,
+                epsilon=eps,
             )
         return y, total
 
@@ -154,8 +166,8 @@ class _FusedDecoderGraph(_DecoderGraph):
                 self.total_length,
                 *self.rope_caches,
             ],
-            domain=MS,
-            names=[g._fresh("gqa") + "/out", f"present.{i}.key", f"present.{i}.value"],
+            domain=MS_DOMAIN,
+            names=[g.fresh_name("gqa") + "/out", f"present.{i}.key", f"present.{i}.value"],
             num_heads=w.num_heads,
             kv_num_heads=w.num_kv_heads,
             scale=float(lw.attn_scale),
@@ -174,7 +186,7 @@ class _FusedDecoderGraph(_DecoderGraph):
 
     def activation(self, h: str) -> str:
         if self.w.activation == "gelu_tanh":
-            return self.g.op("FastGelu", [h], domain=MS)
+            return self.g.op("FastGelu", [h], domain=MS_DOMAIN)
         return super().activation(h)
 
 
@@ -187,3 +199,10 @@ def build_fused_graph(
 ) -> tuple[GraphBuilder, GraphIO]:
     """Build the fused (contrib-op) decoder graph for ``weights``; see the module docstring."""
     return _FusedDecoderGraph(weights, dtype, opset, fmt).build()
+
+
+def build_fused(
+    weights: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
+) -> BuiltGraph:
+    """The fused graph with its manifest metadata: the registry's fused builder for decoders."""
+    return BuiltGraph(*build_fused_graph(weights, dtype, opset, fmt), weights.manifest_meta())

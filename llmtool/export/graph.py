@@ -1,7 +1,8 @@
 """A small ONNX graph builder: nodes, initializers and constants with readable names.
 
-The architecture modules describe a decoder with it; :meth:`GraphBuilder.save` writes the
-model, moving weights to an external data file when they would not fit in one protobuf.
+The graph builders (transformer, fused, recurrent) describe a model with it;
+:meth:`GraphBuilder.save` writes the model, moving weights to an external data file when they
+would not fit in one protobuf.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ class GraphBuilder:
         finally:
             self._scope.pop()
 
-    def _fresh(self, base: str) -> str:
+    def fresh_name(self, base: str) -> str:
+        """A name no other node or value has: ``scope/base_N`` (N counts every name made)."""
         self._counter += 1
         prefix = "/".join(self._scope)
         return f"{prefix}/{base}_{self._counter}" if prefix else f"{base}_{self._counter}"
@@ -108,7 +110,7 @@ class GraphBuilder:
         ``names`` gives the outputs explicit names (graph outputs, or "" for an unused optional
         output); otherwise they are derived from the node name.
         """
-        node_name = self._fresh(name or op_type)
+        node_name = self.fresh_name(name or op_type)
         outs = list(names) if names is not None else [f"{node_name}/out{i}" for i in range(outputs)]
         if domain:
             self.domains.setdefault(domain, 1)

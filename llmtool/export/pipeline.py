@@ -3,20 +3,31 @@
 The directory holds ``model.onnx`` (plus ``model.onnx.data`` for models over 2 GB),
 ``config.json``, ``generation_config.json``, the tokenizer files and ``llmtool.json``. It is
 built in a temporary directory and renamed into place only after validation passes.
+
+:func:`export_model` runs named stages, each a function here::
+
+    check_request ─► load_model ─► build_onnx ─► in a temporary directory: write_files
+        ─► validate_against_pytorch ─► check_quantized (--quantize) ─► commit (rename into place)
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from llmtool import defaults
 from llmtool.errors import UsageError, ValidationError
+
+if TYPE_CHECKING:
+    from llmtool.export.contract import BuiltGraph, WeightFormat
+    from llmtool.models.loading import LoadedModel, ModelSpec
+    from llmtool.runtime.model import OnnxCausalLM
 
 MODEL_FILE = "model.onnx"
 DTYPES = ("fp32", "fp16")
@@ -50,6 +61,201 @@ def _check_options(dtype: str, opset: int) -> None:
         raise UsageError(
             f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}."
         )
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Checked export options: what every stage after :func:`check_request` reads.
+
+    Attributes:
+        spec: The resolved PyTorch model spec.
+        out: The directory to create.
+        dtype: ``fp32`` or ``fp16``.
+        opset: ONNX opset.
+        fused: The fused graph.
+        weights: How linear weights are stored (``weights.quantize``: None, ``int8``, ``int4``).
+        calibration: Where the fidelity text of a quantized export comes from (recorded).
+        calibration_text: That text (None without ``--quantize``).
+    """
+
+    spec: ModelSpec
+    out: Path
+    dtype: str
+    opset: int
+    fused: bool
+    weights: WeightFormat
+    calibration: str | Path | None
+    calibration_text: str | None
+
+
+def check_request(
+    model: str | Path,
+    out: str | Path,
+    *,
+    dtype: str,
+    opset: int,
+    fused: bool,
+    quantize: str | None,
+    block_size: int,
+    symmetric: bool,
+    calibration: str | Path | None,
+    force: bool,
+) -> ExportRequest:
+    """Stage 1: check every option and the model's architecture before anything is loaded.
+
+    Raises:
+        UsageError: A bad option, an existing ``out``, or an architecture export cannot build.
+    """
+    from llmtool.evaluate.data import read_text
+    from llmtool.export.contract import WeightFormat
+    from llmtool.export.quantize import check_quantize_options
+    from llmtool.export.registry import check_supported
+    from llmtool.fsutil import check_output_dir
+    from llmtool.models.loading import read_config, resolve_spec
+
+    _check_options(dtype, opset)
+    check_quantize_options(quantize, block_size)
+    if quantize and dtype != "fp32":
+        raise UsageError("--quantize starts from fp32 weights", "drop --dtype or use --dtype fp32.")
+    calibration_text = read_text(calibration or defaults.SAMPLE_TEXT) if quantize else None
+    out = Path(out)
+    spec = resolve_spec(model)
+    if spec.kind == "onnx_dir":
+        raise UsageError(
+            f"{spec.path} is already an llmtool export", "pass the PyTorch model it came from."
+        )
+    check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
+    # Loading accepts any causal LM; export refuses what it cannot build before reading weights.
+    check_supported(read_config(spec), fused=fused, quantize=quantize)
+    weights = WeightFormat(
+        quantize=quantize,
+        block_size=block_size,
+        symmetric=symmetric,
+        head_matmul=quantize is not None,
+    )
+    return ExportRequest(spec, out, dtype, opset, fused, weights, calibration, calibration_text)
+
+
+def build_onnx(request: ExportRequest, loaded: LoadedModel) -> BuiltGraph:
+    """Stage 3: the ONNX graph of the loaded model, as the registry builds it."""
+    from llmtool.export.contract import GraphOptions
+    from llmtool.export.registry import build_graph
+
+    options = GraphOptions(fused=request.fused, weights=request.weights)
+    return build_graph(loaded.model, request.dtype, request.opset, options)
+
+
+def write_files(
+    tmp: Path, request: ExportRequest, loaded: LoadedModel, built: BuiltGraph
+) -> dict[str, Any]:
+    """Stage 4: the graph, config, generation config, tokenizer and llmtool.json into ``tmp``.
+
+    Returns:
+        The manifest written (validation and quantization entries are added later).
+    """
+    import llmtool
+    from llmtool.manifest import FORMAT, FORMAT_VERSION, file_record, tool_versions, write_manifest
+
+    files = built.graph.save(tmp / MODEL_FILE, "llmtool", llmtool.__version__)
+    loaded.config.save_pretrained(tmp)
+    loaded.generation_config.save_pretrained(tmp)
+    loaded.tokenizer.save_pretrained(tmp)
+    spec, io = request.spec, built.io
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"spec": spec.source, "kind": spec.kind, "path": spec.display},
+        **built.meta,
+        "layout": io.layout,
+        "padding": "right" if io.layout == "fused" else "left",
+        "dtype": request.dtype,
+        "opset": request.opset,
+        "model_file": MODEL_FILE,
+        "files": {f.name: file_record(f) for f in files},
+        "inputs": io.inputs,
+        "outputs": io.outputs,
+        "cache": io.cache,
+        "parameters": sum(p.numel() for p in loaded.model.parameters()),
+        "versions": tool_versions(),
+    }
+    write_manifest(tmp, manifest)
+    return manifest
+
+
+def validate_against_pytorch(
+    tmp: Path, request: ExportRequest, loaded: LoadedModel, manifest: dict[str, Any]
+) -> OnnxCausalLM:
+    """Stage 5: run the written export in ONNX Runtime (CPU) against PyTorch.
+
+    Records ``manifest["validation"]`` and returns the session for the quantization check.
+
+    Raises:
+        ValidationError: The graph does not match PyTorch.
+    """
+    from llmtool.export.validate import validate_export
+    from llmtool.runtime.model import OnnxCausalLM
+
+    session = OnnxCausalLM(tmp, "cpu", verify=False)
+    # Quantized weights cannot meet fp32 parity: their gate is the fidelity check below.
+    gated = request.weights.quantize is None
+    report = validate_export(
+        session,
+        loaded.model,
+        loaded.tokenizer,
+        request.dtype,
+        tolerance=None if gated else math.inf,
+    )
+    manifest["validation"] = {**report.to_dict(), "gate": gated}
+    if not report.passed:
+        raise ValidationError(
+            f"Export validation failed: {report.failure_reason()}; nothing was written",
+            "report this model as a bug, with the figures above.",
+        )
+    return session
+
+
+def check_quantized(
+    session: OnnxCausalLM, request: ExportRequest, loaded: LoadedModel, manifest: dict[str, Any]
+) -> None:
+    """Stage 6 (quantized exports): record the quantization and gate its fidelity to fp32.
+
+    Raises:
+        ValidationError: The quantized export drifts too far from the fp32 model.
+    """
+    from llmtool.evaluate.reference import quantization_fidelity
+    from llmtool.export.quantize import describe
+
+    fmt, calibration, calibration_text = (
+        request.weights,
+        request.calibration,
+        request.calibration_text,
+    )
+    quantize = fmt.quantize
+    assert quantize is not None and calibration_text is not None
+    manifest["quantization"] = describe(quantize, fmt.block_size, fmt.symmetric)
+    manifest["fidelity"] = quantization_fidelity(
+        session,
+        loaded.model,
+        calibration_text,
+        quantize,
+        str(calibration or "llmtool/data/sample.txt"),
+    )
+    if not manifest["fidelity"]["passed"]:
+        f = manifest["fidelity"]
+        raise ValidationError(
+            f"The {quantize} export drifts too far from fp32: ΔPPL "
+            f"{100 * f['relative_delta_perplexity']:+.2f}% exceeds "
+            f"{100 * f['max_relative_delta_perplexity']:.1f}%; nothing was written",
+            "try a smaller --block-size, --quantize int8, or int4 without --symmetric.",
+        )
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
 
 
 def export_model(
@@ -94,130 +300,46 @@ def export_model(
         UsageError: Bad input; nothing is written.
         ValidationError: The graph does not match PyTorch; nothing is written.
     """
-    from llmtool.evaluate.data import read_text
-    from llmtool.evaluate.reference import quantization_fidelity
-    from llmtool.export.builders import GraphOptions, build_graph
-    from llmtool.export.quantize import (
-        check_quantize_options,
-        describe,
-    )
-    from llmtool.export.transformer import WeightFormat
-    from llmtool.export.validate import validate_export
-    from llmtool.fsutil import atomic_directory, check_output_dir
-    from llmtool.manifest import (
-        FORMAT,
-        FORMAT_VERSION,
-        file_record,
-        tool_versions,
-        write_manifest,
-    )
-    from llmtool.models.loading import load_model, resolve_spec
-    from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.fsutil import atomic_directory
+    from llmtool.manifest import write_manifest
+    from llmtool.models.loading import load_model
 
     def stage(text: str) -> None:
         if on_stage is not None:
             on_stage(text)
 
-    _check_options(dtype, opset)
-    check_quantize_options(quantize, block_size)
-    if quantize and dtype != "fp32":
-        raise UsageError("--quantize starts from fp32 weights", "drop --dtype or use --dtype fp32.")
-    calibration_text = read_text(calibration or defaults.SAMPLE_TEXT) if quantize else None
-    out = Path(out)
-    spec = resolve_spec(model)
-    if spec.kind == "onnx_dir":
-        raise UsageError(
-            f"{spec.path} is already an llmtool export", "pass the PyTorch model it came from."
-        )
-    check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
-    seconds: dict[str, float] = {}
-
-    stage(f"Loading {spec.display}")
-    t = time.perf_counter()
-    loaded = load_model(spec, allow_pickle=allow_pickle)
-    seconds["load"] = time.perf_counter() - t
-
-    stage("Building the ONNX graph")
-    t = time.perf_counter()
-    fmt = WeightFormat(
+    request = check_request(
+        model,
+        out,
+        dtype=dtype,
+        opset=opset,
+        fused=fused,
         quantize=quantize,
         block_size=block_size,
         symmetric=symmetric,
-        head_matmul=quantize is not None,
+        calibration=calibration,
+        force=force,
     )
-    built = build_graph(loaded.model, dtype, opset, GraphOptions(fused=fused, weights=fmt))
-    graph, io, meta = built.graph, built.io, built.meta
-    del built
-    n_params = sum(p.numel() for p in loaded.model.parameters())
-    seconds["build"] = time.perf_counter() - t
-
-    with atomic_directory(out, force=force) as tmp:
+    seconds: dict[str, float] = {}
+    stage(f"Loading {request.spec.display}")
+    with _timed(seconds, "load"):
+        loaded = load_model(request.spec, allow_pickle=allow_pickle)
+    stage("Building the ONNX graph")
+    with _timed(seconds, "build"):
+        built = build_onnx(request, loaded)
+    with atomic_directory(request.out, force=force) as tmp:
         stage("Writing files")
-        t = time.perf_counter()
-        import llmtool
-
-        files = graph.save(tmp / MODEL_FILE, "llmtool", llmtool.__version__)
-        del graph
-        loaded.config.save_pretrained(tmp)
-        loaded.generation_config.save_pretrained(tmp)
-        loaded.tokenizer.save_pretrained(tmp)
-        manifest: dict[str, Any] = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"spec": spec.source, "kind": spec.kind, "path": spec.display},
-            **meta,
-            "layout": io.layout,
-            "padding": "right" if io.layout == "fused" else "left",
-            "dtype": dtype,
-            "opset": opset,
-            "model_file": MODEL_FILE,
-            "files": {f.name: file_record(f) for f in files},
-            "inputs": io.inputs,
-            "outputs": io.outputs,
-            "cache": io.cache,
-            "parameters": n_params,
-            "versions": tool_versions(),
-        }
-        write_manifest(tmp, manifest)
-        seconds["save"] = time.perf_counter() - t
-
+        with _timed(seconds, "save"):
+            manifest = write_files(tmp, request, loaded, built)
+        del built  # the graph's weights: freed before ONNX Runtime loads its own copy
         stage("Validating ONNX Runtime (CPU) against PyTorch")
-        t = time.perf_counter()
-        session = OnnxCausalLM(tmp, "cpu", verify=False)
-        # Quantized weights cannot meet fp32 parity: their gate is the fidelity check below.
-        gated = quantize is None
-        report = validate_export(
-            session, loaded.model, loaded.tokenizer, dtype, tolerance=None if gated else math.inf
-        )
-        seconds["validate"] = time.perf_counter() - t
-        manifest["validation"] = {**report.to_dict(), "gate": gated}
-        if not report.passed:
-            raise ValidationError(
-                f"Export validation failed: {report.failure_reason()}; nothing was written",
-                "report this model as a bug, with the figures above.",
-            )
+        with _timed(seconds, "validate"):
+            session = validate_against_pytorch(tmp, request, loaded, manifest)
         if quantize:
-            assert calibration_text is not None
             stage(f"Measuring the {quantize} export's fidelity to fp32")
-            t = time.perf_counter()
-            manifest["quantization"] = describe(quantize, block_size, symmetric)
-            manifest["fidelity"] = quantization_fidelity(
-                session,
-                loaded.model,
-                calibration_text,
-                quantize,
-                str(calibration or "llmtool/data/sample.txt"),
-            )
-            seconds["quantize"] = time.perf_counter() - t
-            if not manifest["fidelity"]["passed"]:
-                f = manifest["fidelity"]
-                raise ValidationError(
-                    f"The {quantize} export drifts too far from fp32: ΔPPL "
-                    f"{100 * f['relative_delta_perplexity']:+.2f}% exceeds "
-                    f"{100 * f['max_relative_delta_perplexity']:.1f}%; nothing was written",
-                    "try a smaller --block-size, --quantize int8, or int4 without --symmetric.",
-                )
+            with _timed(seconds, "quantize"):
+                check_quantized(session, request, loaded, manifest)
         del session
         write_manifest(tmp, manifest)
-    return ExportResult(out.resolve(), manifest, seconds)
+    # Commit: leaving atomic_directory renamed the finished directory into place.
+    return ExportResult(request.out.resolve(), manifest, seconds)

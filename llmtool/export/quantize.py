@@ -12,6 +12,13 @@ weight rows (themselves 4-bit blocks):
 
     y = MatMulNBits([x, blockmean(x)]; [q; q_R], [d; d_R], [zp; zp_R])
 
+    x [B, S, K] ─┬────────────────────────────────────────────┐
+                 └─AveragePool(bs, stride bs)─► [B, S, K/bs] ─┴─Concat(-1)─► [B, S, K + K/bs]
+                                                                                     │
+    [q; q_R], [d; d_R], [zp; zp_R] ───────────────────────────────────────────► MatMulNBits
+                                                                                     │
+                                                                                y [B, S, N]
+
 This costs an AveragePool and a Concat per linear layer and 1/block_size more weights, and it
 leaves only the rounding of R (at most d / 30, against d / 2 without it): the grid of a model
 that already is Q4_1 (a GGUF file) is reproduced instead of being rounded a second time
@@ -44,12 +51,18 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import UsageError
+from llmtool.export.contract import MS_DOMAIN
 
 QUANTIZE_MODES = ("int8", "int4")
-MS = "com.microsoft"
 
 
 def check_quantize_options(mode: str | None, block_size: int) -> None:
+    """Refuse an unknown mode or a block size MatMulNBits does not take.
+
+    Raises:
+        UsageError: ``mode`` is not None, ``int8`` or ``int4``, or ``block_size`` is not a power
+            of two of at least 16.
+    """
     if mode is None:
         return
     if mode not in QUANTIZE_MODES:
@@ -126,7 +139,14 @@ def int8_matmul(g: Any, x: str, name: str, w: np.ndarray, block_size: int) -> st
     codes, scales = pack_int8(w, block_size)
     inputs = [x, g.weight(f"{name}.qweight", codes), g.weight(f"{name}.scales", scales)]
     return g.op(
-        "MatMulNBits", inputs, domain=MS, K=k, N=n, bits=8, block_size=block_size, accuracy_level=4
+        "MatMulNBits",
+        inputs,
+        domain=MS_DOMAIN,
+        K=k,
+        N=n,
+        bits=8,
+        block_size=block_size,
+        accuracy_level=4,
     )
 
 
@@ -151,7 +171,14 @@ def int4_matmul(g: Any, x: str, name: str, w: np.ndarray, block_size: int, symme
     if zp is not None:
         inputs.append(g.weight(f"{name}.zero_points", pack_nibbles(zp).reshape(-1)))
     return g.op(
-        "MatMulNBits", inputs, domain=MS, K=k, N=n, bits=4, block_size=block_size, accuracy_level=4
+        "MatMulNBits",
+        inputs,
+        domain=MS_DOMAIN,
+        K=k,
+        N=n,
+        bits=4,
+        block_size=block_size,
+        accuracy_level=4,
     )
 
 

@@ -22,30 +22,15 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto, helper
 
-from llmtool.export.builders import BuiltGraph
+from llmtool.export.contract import (
+    FLOAT_TYPES,
+    BuiltGraph,
+    GraphIO,
+    WeightFormat,
+    state_cache_entries,
+)
 from llmtool.export.graph import GraphBuilder
-from llmtool.export.transformer import FLOAT_TYPES, GraphIO
-
-
-def _np(t: Any) -> np.ndarray:
-    return t.detach().to("cpu").float().numpy()
-
-
-def state_cache_entries(
-    num_layers: int, hidden_size: int, state_names: tuple[str, ...]
-) -> list[dict[str, Any]]:
-    """The manifest's description of the recurrent state: one fixed-size entry per tensor."""
-    return [
-        {
-            "input": f"past_state.{i}.{name}",
-            "output": f"present_state.{i}.{name}",
-            "shape": ["batch", hidden_size],
-            "dtype": "float32",
-            "sequence_axis": None,
-        }
-        for i in range(num_layers)
-        for name in state_names
-    ]
+from llmtool.export.weights import to_numpy
 
 
 class _RecurrentGraph:
@@ -119,7 +104,7 @@ class _RecurrentGraph:
             g.add_input(entry["input"], TensorProto.FLOAT, entry["shape"])
 
         with g.scope("embed"):
-            embed = self.weight("embed_tokens.weight", _np(self.model.embed_tokens.weight))
+            embed = self.weight("embed_tokens.weight", to_numpy(self.model.embed_tokens.weight))
             x = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, H]
         with g.scope("mask"):
             # The last `sequence` columns of the mask, as [B, S, 1] bool (scanned over axis 1).
@@ -129,9 +114,9 @@ class _RecurrentGraph:
             mask = g.op("Unsqueeze", [g.op("Cast", [mask], to=TensorProto.BOOL), g.const([2])])
         for layer in range(c.num_layers):
             with g.scope(f"layer{layer}"):
-                w_ih = _np(getattr(rnn, f"weight_ih_l{layer}"))  # [4H or H, H]
-                w_hh = _np(getattr(rnn, f"weight_hh_l{layer}"))
-                bias = _np(getattr(rnn, f"bias_ih_l{layer}")) + _np(
+                w_ih = to_numpy(getattr(rnn, f"weight_ih_l{layer}"))  # [4H or H, H]
+                w_hh = to_numpy(getattr(rnn, f"weight_hh_l{layer}"))
+                bias = to_numpy(getattr(rnn, f"bias_ih_l{layer}")) + to_numpy(
                     getattr(rnn, f"bias_hh_l{layer}")
                 )
                 x_proj = g.op(
@@ -164,9 +149,9 @@ class _RecurrentGraph:
             table = (
                 embed
                 if c.tie_word_embeddings
-                else self.weight("lm_head.weight", _np(self.model.lm_head.weight))
+                else self.weight("lm_head.weight", to_numpy(self.model.lm_head.weight))
             )
-            bias = self.weight("lm_head.bias", _np(self.model.lm_head.bias))
+            bias = self.weight("lm_head.bias", to_numpy(self.model.lm_head.bias))
             # Gemm with transB reads the [V, H] table in place, so a tied head costs no copy.
             flat = g.op("Reshape", [x, g.const([-1, c.hidden_size])])
             logits = g.op("Gemm", [flat, table, bias], transB=1)  # [B*S, V]
@@ -185,8 +170,17 @@ class _RecurrentGraph:
         return g, io
 
 
-def build_recurrent_graph(model: Any, dtype: str, opset: int) -> BuiltGraph:
-    """LSTM and Elman RNN language models trained by ``llmtool train``."""
+def build_recurrent_graph(
+    model: Any, dtype: str, opset: int, fmt: WeightFormat | None = None
+) -> BuiltGraph:
+    """LSTM and Elman RNN language models trained by ``llmtool train``.
+
+    Args:
+        model: A :class:`~llmtool.models.recurrent.RecurrentLM`.
+        dtype: ``fp32`` or ``fp16`` weights (the state stays float32).
+        opset: ONNX opset.
+        fmt: Unused: recurrent graphs keep float weights (the registry refuses ``--quantize``).
+    """
     c = model.config
     graph, io = _RecurrentGraph(model, dtype, opset).build()
     meta = {

@@ -16,69 +16,26 @@ norms and softmax run in float32 and logits are always float32.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from onnx import TensorProto
 
-from llmtool import defaults
-from llmtool.export.architectures import DecoderWeights, LayerWeights
+from llmtool.export.contract import FLOAT_TYPES, BuiltGraph, GraphIO, WeightFormat, cache_entries
 from llmtool.export.graph import GraphBuilder
+from llmtool.export.weights import DecoderWeights, LayerWeights
 
-FLOAT_TYPES = {"fp32": (np.float32, TensorProto.FLOAT), "fp16": (np.float16, TensorProto.FLOAT16)}
 MASK_VALUE = float(np.finfo(np.float32).min)
 
 
-@dataclass
-class GraphIO:
-    """What the runtime needs to drive a graph: its I/O names and the cache layout."""
+class DecoderGraph:
+    """The standard graph of one :class:`DecoderWeights`; :meth:`build` assembles it.
 
-    inputs: list[str]
-    outputs: list[str]
-    cache: list[dict[str, Any]]
-    layout: str = "standard"  # "standard": left padding, growing cache; "fused": see fused.py
-
-
-def cache_entries(
-    num_layers: int, kv_heads: int, head_dim: int, dtype: str
-) -> list[dict[str, Any]]:
-    """The manifest's description of the KV cache: one entry per fed-back tensor."""
-    entries = []
-    for i in range(num_layers):
-        for kind in ("key", "value"):
-            entries.append(
-                {
-                    "input": f"past_key_values.{i}.{kind}",
-                    "output": f"present.{i}.{kind}",
-                    "shape": ["batch", kv_heads, "past_sequence", head_dim],
-                    "dtype": "float16" if dtype == "fp16" else "float32",
-                    "sequence_axis": 2,
-                }
-            )
-    return entries
-
-
-@dataclass(frozen=True)
-class WeightFormat:
-    """How linear-layer weights are stored in the graph.
-
-    Attributes:
-        quantize: None (the export dtype), ``int8`` or ``int4`` blocks (``MatMulNBits``), see
-            :mod:`llmtool.export.quantize`.
-        block_size: Quantization block length along the input dimension.
-        symmetric: int4 without zero points (faster, less exact).
-        head_matmul: The LM head as its own [E, V] MatMul instead of a Gemm on the embedding,
-            so it can be quantized (set for every quantized export).
+    Subclasses (the fused graph) override the layer, norm, activation and extra-output hooks.
     """
 
-    quantize: str | None = None
-    block_size: int = defaults.QUANT_BLOCK_SIZE
-    symmetric: bool = False
-    head_matmul: bool = False
+    layout = "standard"
 
-
-class _DecoderGraph:
     def __init__(
         self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
     ) -> None:
@@ -187,8 +144,6 @@ class _DecoderGraph:
         order = {name: i for i, name in enumerate(io.outputs)}
         g.outputs.sort(key=lambda value: order[value.name])
         return g, io
-
-    layout = "standard"
 
     def cache_entries(self) -> list[dict[str, Any]]:
         w = self.w
@@ -329,9 +284,16 @@ def build_decoder_graph(
     """Build the KV-cache decoder graph for ``weights``.
 
     Args:
-        weights: The model in neutral form (see :mod:`llmtool.export.architectures`).
+        weights: The model in neutral form (see :mod:`llmtool.export.weights`).
         dtype: ``fp32`` or ``fp16`` for weights, activations and cache.
         opset: ONNX default-domain opset (17 or newer).
         fmt: How linear weights are stored (float by default; int4 blocks when quantizing).
     """
-    return _DecoderGraph(weights, dtype, opset, fmt).build()
+    return DecoderGraph(weights, dtype, opset, fmt).build()
+
+
+def build_decoder(
+    weights: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
+) -> BuiltGraph:
+    """The standard graph with its manifest metadata: the registry's builder for decoders."""
+    return BuiltGraph(*build_decoder_graph(weights, dtype, opset, fmt), weights.manifest_meta())

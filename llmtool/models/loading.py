@@ -261,6 +261,9 @@ def load_tokenizer(spec: ModelSpec) -> Any:
 def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedModel:
     """Load a PyTorch causal LM (fp32, eval mode, eager attention) and its tokenizer.
 
+    Any architecture ``AutoModelForCausalLM`` loads is accepted (and llmtool's recurrent models);
+    whether export can build it is the export registry's question.
+
     Args:
         spec: A :class:`ModelSpec` or the user's spec string.
         allow_pickle: Allow ``pytorch_model.bin`` weights (pickle can execute code).
@@ -281,10 +284,8 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
         )
     if spec.kind == "hf_dir":
         _check_weights(spec.path, allow_pickle)
+    # Any causal LM transformers loads is accepted: only export asks whether it can build it.
     config = read_config(spec)
-    from llmtool.export.builders import check_supported
-
-    check_supported(config)
     tokenizer = load_tokenizer(spec)
     from llmtool.models.recurrent_config import RecurrentConfig
 

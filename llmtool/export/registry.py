@@ -1,0 +1,160 @@
+"""The one registry of architectures: which ``config.model_type`` export builds, and how.
+
+Each entry (:class:`Architecture`) names the extractor that reads the PyTorch model into the
+builders' input, the standard and fused graph builders, whether int8 / int4 weights apply, and a
+one-line note. Adding a transformer family is an extractor in :mod:`llmtool.export.extractors`
+(often a few lines over :func:`~llmtool.export.extractors.extract_llama`) plus one line here::
+
+    "phi3": decoder(extract_phi3, "Llama with fused qkv and gate_up projections"),
+
+Loading (:mod:`llmtool.models.loading`) accepts any causal LM; only export consults this table,
+through :func:`check_supported` (before the weights are loaded) and :func:`build_graph`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from llmtool.errors import UsageError
+from llmtool.export.contract import BuiltGraph, GraphOptions, WeightFormat
+from llmtool.export.extractors import extract_gpt2, extract_llama
+from llmtool.export.fused import build_fused
+from llmtool.export.recurrent import build_recurrent_graph
+from llmtool.export.transformer import build_decoder
+from llmtool.export.weights import DecoderWeights
+from llmtool.models.recurrent_config import LSTM_TYPE, RNN_TYPE
+
+# (source, dtype, opset, weight format) -> graph; the source is what the extractor returned.
+Builder = Callable[[Any, str, int, WeightFormat], BuiltGraph]
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """How export builds one ``config.model_type``.
+
+    Attributes:
+        note: One line for humans (docs, error messages).
+        build: The standard graph's builder.
+        extract: PyTorch model -> the builders' input (:class:`DecoderWeights` for transformer
+            decoders); None when the builders read the PyTorch model itself.
+        build_fused: The fused (contrib-op) graph's builder; None when ``--fused`` is refused.
+        no_fused: Why there is no fused graph (when ``build_fused`` is None).
+        quantizable: Whether ``--quantize`` (int8 / int4 weight blocks) applies.
+    """
+
+    note: str
+    build: Builder
+    extract: Callable[[Any], Any] | None = None
+    build_fused: Builder | None = None
+    no_fused: str = ""
+    quantizable: bool = True
+
+
+def decoder(extract: Callable[[Any], DecoderWeights], note: str) -> Architecture:
+    """A transformer decoder: read into :class:`DecoderWeights`, standard and fused graphs."""
+    return Architecture(note, build_decoder, extract, build_fused)
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "llama": decoder(extract_llama, "Llama and SmolLM2: RMSNorm, rotary positions, SwiGLU"),
+    "mistral": decoder(extract_llama, "Llama with a sliding attention window"),
+    "qwen2": decoder(extract_llama, "Llama with q/k/v biases and an optional sliding window"),
+    "gpt2": decoder(extract_gpt2, "LayerNorm, learned positions, GELU MLP, biases everywhere"),
+    LSTM_TYPE: Architecture(
+        "llmtool train's LSTM: the (h, c) state is the cache",
+        build_recurrent_graph,
+        no_fused="a recurrent state has no attention for the fused ops",
+        quantizable=False,
+    ),
+    RNN_TYPE: Architecture(
+        "llmtool train's Elman RNN: the h state is the cache",
+        build_recurrent_graph,
+        no_fused="a recurrent state has no attention for the fused ops",
+        quantizable=False,
+    ),
+}
+
+
+def supported_model_types() -> list[str]:
+    """The ``config.model_type`` values export accepts, sorted."""
+    return sorted(ARCHITECTURES)
+
+
+def fused_model_types() -> list[str]:
+    """The model types with a fused graph (``export --fused``), sorted."""
+    return sorted(t for t, a in ARCHITECTURES.items() if a.build_fused is not None)
+
+
+def quantizable_model_types() -> list[str]:
+    """The model types ``export --quantize`` applies to, sorted."""
+    return sorted(t for t, a in ARCHITECTURES.items() if a.quantizable)
+
+
+def check_supported(config: Any, *, fused: bool = False, quantize: str | None = None) -> None:
+    """Refuse a model export cannot build, from its config alone (before loading weights).
+
+    Args:
+        config: The model's transformers config (its ``model_type`` is looked up).
+        fused: The fused graph is asked for.
+        quantize: A quantization mode is asked for (``int8`` / ``int4``), or None.
+
+    Raises:
+        UsageError: The architecture, or the variant asked for, is not supported; the message
+            names those that are.
+    """
+    model_type = getattr(config, "model_type", None)
+    entry = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    if entry is None:
+        raise UsageError(
+            f"Architecture '{model_type}' is not supported",
+            f"llmtool exports {', '.join(supported_model_types())}.",
+        )
+    if fused and entry.build_fused is None:
+        raise UsageError(
+            f"--fused is not available for '{model_type}' ({entry.no_fused})",
+            f"it supports {', '.join(fused_model_types())}; export without --fused.",
+        )
+    if quantize and not entry.quantizable:
+        raise UsageError(
+            f"--quantize is not available for '{model_type}'",
+            f"it supports {', '.join(quantizable_model_types())}; export without --quantize.",
+        )
+
+
+def extract(model: Any) -> DecoderWeights:
+    """Read a supported transformer decoder into a :class:`DecoderWeights`.
+
+    Raises:
+        UsageError: ``model`` is not a registered transformer decoder.
+    """
+    model_type = model.config.model_type
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None or entry.extract is None:
+        raise UsageError(f"No decoder extractor for '{model_type}'")
+    weights: DecoderWeights = entry.extract(model)
+    return weights
+
+
+def build_graph(
+    model: Any, dtype: str, opset: int, options: GraphOptions | None = None
+) -> BuiltGraph:
+    """Build the ONNX graph for a loaded PyTorch model.
+
+    Args:
+        model: The PyTorch model (transformers causal LM or llmtool's recurrent LM).
+        dtype: ``fp32`` or ``fp16``.
+        opset: ONNX opset.
+        options: Fused layout and weight format (standard float graph by default).
+
+    Raises:
+        UsageError: The architecture or the variant asked for is not supported.
+    """
+    options = options or GraphOptions()
+    check_supported(model.config, fused=options.fused, quantize=options.weights.quantize)
+    entry = ARCHITECTURES[model.config.model_type]
+    source = model if entry.extract is None else entry.extract(model)
+    build = entry.build_fused if options.fused else entry.build
+    assert build is not None  # check_supported refused a missing fused builder
+    return build(source, dtype, opset, options.weights)

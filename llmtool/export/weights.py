@@ -1,0 +1,83 @@
+"""The neutral description of a decoder-only LM that every transformer graph is built from.
+
+Every supported transformer family is a pre-norm decoder; the differences (norm kind, positions,
+MLP activation, biases) are fields of :class:`DecoderWeights`, so one graph builder
+(:mod:`llmtool.export.transformer`, and its fused variant) serves them all. The extractors
+(:mod:`llmtool.export.extractors`) fill it from a transformers model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+
+def to_numpy(t: Any) -> np.ndarray:
+    """A torch tensor (any device, any float dtype) as a float32 numpy array."""
+    return t.detach().to("cpu").float().numpy()
+
+
+@dataclass
+class LayerWeights:
+    """One decoder layer; matrices are [in_features, out_features] (ONNX MatMul layout)."""
+
+    norm1_w: np.ndarray  # [E]
+    norm1_b: np.ndarray | None  # [E] (LayerNorm only)
+    qkv_w: np.ndarray  # [E, (H + 2*KVH) * D]: q, k, v side by side
+    qkv_b: np.ndarray | None  # [(H + 2*KVH) * D]
+    o_w: np.ndarray  # [H*D, E]
+    o_b: np.ndarray | None
+    norm2_w: np.ndarray
+    norm2_b: np.ndarray | None
+    up_w: np.ndarray  # [E, I] or, for gated MLPs, [E, 2*I]: gate then up
+    up_b: np.ndarray | None
+    down_w: np.ndarray  # [I, E]
+    down_b: np.ndarray | None
+    attn_scale: float  # multiplies q·k
+
+
+@dataclass
+class DecoderWeights:
+    """A decoder-only LM in architecture-neutral form (float32 numpy arrays)."""
+
+    arch: str  # the export family: "llama" (RMSNorm, rotary, SwiGLU) or "gpt2"
+    model_type: str  # config.model_type as transformers names it
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    vocab_size: int
+    max_positions: int
+    norm: str  # "rms" or "layer"
+    norm_eps: float
+    activation: str  # "silu_glu", "gelu_tanh", "gelu", "relu"
+    embed: np.ndarray  # [V, E]
+    final_norm_w: np.ndarray
+    final_norm_b: np.ndarray | None
+    lm_head: np.ndarray | None  # [V, E]; None when tied to ``embed``
+    lm_head_b: np.ndarray | None = None
+    layers: list[LayerWeights] = field(default_factory=list)
+    positions: np.ndarray | None = None  # [P, E] learned absolute positions (GPT-2)
+    rope_cos: np.ndarray | None = None  # [P, D] (scaling folded in)
+    rope_sin: np.ndarray | None = None  # [P, D]
+    sliding_window: int | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def manifest_meta(self) -> dict[str, Any]:
+        """The manifest fields that describe this decoder (``BuiltGraph.meta``)."""
+        return {
+            "architecture": self.arch,
+            "model_type": self.model_type,
+            "num_layers": self.num_layers,
+            "num_heads": self.num_heads,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size,
+            "max_positions": self.max_positions,
+        }
