@@ -21,6 +21,79 @@ def _optional_array(module: Any, name: str) -> np.ndarray | None:
     return None if t is None else to_numpy(t)
 
 
+def rope_parameters(cfg: Any) -> dict[str, Any]:
+    """The rope settings as transformers' modelling code reads them.
+
+    transformers 5 keeps them (``rope_type``, ``partial_rotary_factor``, ...) in
+    ``config.rope_parameters``; older configs in ``rope_scaling`` or at the top level.
+    """
+    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
+    return dict(rope) if isinstance(rope, dict) else {}
+
+
+def rope_type(cfg: Any) -> str:
+    rope = rope_parameters(cfg)
+    return str(rope.get("rope_type", rope.get("type", "default")))
+
+
+def partial_rotary_factor(cfg: Any) -> float:
+    """The rotated fraction of each head, from ``rope_parameters`` first (transformers 5)."""
+    rope = rope_parameters(cfg)
+    return float(rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", 1.0)))
+
+
+def config_head_dim(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+def layer_windows(cfg: Any, num_layers: int) -> list[int | None]:
+    """Each layer's sliding window, as transformers applies it.
+
+    With ``config.layer_types`` (Qwen2's ``max_window_layers``, Gemma 2/3's alternation) only the
+    layers marked ``sliding_attention`` slide; without it (Mistral) every layer does.
+    """
+    window = getattr(cfg, "sliding_window", None)
+    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
+        window = None
+    if not window:
+        return [None] * num_layers
+    types = getattr(cfg, "layer_types", None)
+    if types is None:
+        return [int(window)] * num_layers
+    return [int(window) if t == "sliding_attention" else None for t in types]
+
+
+def check_rope_config(cfg: Any, *, fused: bool = False) -> None:
+    """Refuse the rope variants (and the fused rope layouts) a static graph cannot express.
+
+    Raises:
+        UsageError: Dynamic NTK scaling; longrope whose frequencies switch inside the context;
+            ``--fused`` with rotary heads whose size is not a multiple of 16.
+    """
+    kind = rope_type(cfg)
+    if kind == "dynamic":
+        raise UsageError(
+            "Dynamic NTK rope scaling is not supported by export", "use a model with static rope."
+        )
+    if kind == "longrope":
+        original = rope_parameters(cfg).get("original_max_position_embeddings")
+        if original is not None and cfg.max_position_embeddings > original:
+            raise UsageError(
+                f"longrope switches its rotary frequencies for the whole sequence once it passes "
+                f"original_max_position_embeddings ({original} < max_position_embeddings "
+                f"{cfg.max_position_embeddings}), which a static graph cannot express",
+                f"set max_position_embeddings to {original} in config.json to export the "
+                "short-context model.",
+            )
+    rotary = int(config_head_dim(cfg) * partial_rotary_factor(cfg))
+    if fused and rotary % 16:
+        raise UsageError(
+            f"--fused needs a rotary dimension divisible by 16 (GroupQueryAttention's rotary "
+            f"kernel); this model rotates {rotary} of {config_head_dim(cfg)} head dims",
+            "export without --fused.",
+        )
+
+
 def _rope_tables(model: Any, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
     import torch
 
@@ -29,21 +102,12 @@ def _rope_tables(model: Any, max_positions: int) -> tuple[np.ndarray, np.ndarray
     dummy = torch.zeros(1, dtype=torch.float32)
     with torch.no_grad():
         cos, sin = rotary(dummy, positions)
-    return to_numpy(cos[0]), to_numpy(sin[0])  # [P, D] each, attention scaling included
+    return to_numpy(cos[0]), to_numpy(sin[0])  # [P, R] each, attention scaling included
 
 
 def _check_llama_config(cfg: Any) -> None:
     """Refuse the Llama-family variants the graph does not implement."""
-    rope = getattr(cfg, "rope_parameters", None) or getattr(cfg, "rope_scaling", None) or {}
-    rope_type = (
-        rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
-    )
-    if rope_type == "dynamic":
-        raise UsageError(
-            "Dynamic NTK rope scaling is not supported by export", "use a model with static rope."
-        )
-    if getattr(cfg, "partial_rotary_factor", 1.0) != 1.0:
-        raise UsageError("Partial rotary embeddings are not supported by export")
+    check_rope_config(cfg)
     if getattr(cfg, "hidden_act", "silu") != "silu":
         raise UsageError(f"Activation {cfg.hidden_act} is not supported for {cfg.model_type}")
 
@@ -86,6 +150,25 @@ def llama_layer(layer: Any, head_dim: int) -> LayerWeights:
     )
 
 
+def extract_qwen3(model: Any) -> DecoderWeights:
+    """Qwen3: Llama with RMSNorm over each head of q and k (qk-norm) and no q/k/v biases."""
+    w = extract_llama(model)
+    for lw, layer in zip(w.layers, model.model.layers, strict=True):
+        lw.q_norm_w = to_numpy(layer.self_attn.q_norm.weight)
+        lw.k_norm_w = to_numpy(layer.self_attn.k_norm.weight)
+    return w
+
+
+def extract_granite(model: Any) -> DecoderWeights:
+    """Granite: Llama with embedding, residual, attention and logits multipliers."""
+    cfg = model.config
+    w = extract_llama(model)  # attention_multiplier is the attention's own ``scaling``
+    w.embed_scale = float(cfg.embedding_multiplier)
+    w.residual_scale = float(cfg.residual_multiplier)
+    w.logits_scale = 1.0 / float(cfg.logits_scaling)
+    return w
+
+
 def extract_llama(model: Any) -> DecoderWeights:
     """Llama, Mistral, Qwen2 and SmolLM2: RMSNorm, rotary positions, SwiGLU MLP.
 
@@ -96,10 +179,10 @@ def extract_llama(model: Any) -> DecoderWeights:
     cfg = model.config
     _check_llama_config(cfg)
     heads = cfg.num_attention_heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    window = getattr(cfg, "sliding_window", None)
-    if cfg.model_type == "qwen2" and not getattr(cfg, "use_sliding_window", False):
-        window = None
+    head_dim = config_head_dim(cfg)
+    layers = [llama_layer(layer, head_dim) for layer in model.model.layers]
+    for lw, window in zip(layers, layer_windows(cfg, len(layers)), strict=True):
+        lw.sliding_window = window
     max_pos = cfg.max_position_embeddings
     cos, sin = _rope_tables(model, max_pos)
     embed = to_numpy(model.model.embed_tokens.weight)
@@ -125,10 +208,10 @@ def extract_llama(model: Any) -> DecoderWeights:
         final_norm_b=None,
         lm_head=None if tied else lm_head,
         lm_head_b=_optional_array(model.lm_head, "bias"),
-        layers=[llama_layer(layer, head_dim) for layer in model.model.layers],
+        layers=layers,
         rope_cos=cos,
         rope_sin=sin,
-        sliding_window=window,
+        rotary_dim=cos.shape[1],
     )
 
 

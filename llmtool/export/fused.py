@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from llmtool.errors import UsageError
 from llmtool.export.contract import MS_DOMAIN, BuiltGraph, GraphIO, WeightFormat
 from llmtool.export.graph import GraphBuilder
 from llmtool.export.transformer import DecoderGraph
@@ -50,8 +51,13 @@ class _FusedDecoderGraph(DecoderGraph):
         self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
     ) -> None:
         super().__init__(w, dtype, opset, fmt)
-        if w.head_dim % 16 and w.rope_cos is not None:
-            raise ValueError("GroupQueryAttention with rotary needs head_dim divisible by 16")
+        rotary = w.rotary_dim or w.head_dim
+        if rotary % 16 and w.rope_cos is not None:
+            raise UsageError(
+                f"--fused needs a rotary dimension divisible by 16 (GroupQueryAttention's rotary "
+                f"kernel); this model rotates {rotary} of {w.head_dim} head dims",
+                "export without --fused.",
+            )
 
     def build(self) -> tuple[GraphBuilder, GraphIO]:
         g, io = super().build()
@@ -133,7 +139,9 @@ class _FusedDecoderGraph(DecoderGraph):
             )  # scalar, read on the host
         self.rope_caches: list[str] = ["", ""]
         if w.rope_cos is not None and w.rope_sin is not None:
-            half = w.head_dim // 2  # transformers' tables repeat the frequencies in both halves
+            half = (
+                w.rope_cos.shape[1] // 2
+            )  # transformers' tables repeat the frequencies in both halves
             self.rope_caches = [
                 self.weight("rope.cos_cache", np.ascontiguousarray(w.rope_cos[:, :half])),
                 self.weight("rope.sin_cache", np.ascontiguousarray(w.rope_sin[:, :half])),
@@ -152,14 +160,15 @@ class _FusedDecoderGraph(DecoderGraph):
         g, w = self.g, self.w
         x, residual = self.norm_op(residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
         qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
+        qkv_inputs = [qkv, "", ""]  # packed q, k, v
+        if lw.q_norm_w is not None and lw.k_norm_w is not None:
+            qkv_inputs = self.qk_normed(i, lw, qkv)
         rotary = w.rope_cos is not None
-        window = w.sliding_window or 0
+        window = lw.sliding_window or 0
         attn = g.op(
             "GroupQueryAttention",
             [
-                qkv,
-                "",
-                "",
+                *qkv_inputs,
                 f"past_key_values.{i}.key",
                 f"past_key_values.{i}.value",
                 self.seqlens_k,
@@ -178,11 +187,30 @@ class _FusedDecoderGraph(DecoderGraph):
         present_shape: list[int | str] = ["batch", w.num_kv_heads, "total_sequence", w.head_dim]
         g.add_output(f"present.{i}.key", f"present.{i}.key", self.onnx_float, present_shape)
         g.add_output(f"present.{i}.value", f"present.{i}.value", self.onnx_float, present_shape)
-        o = self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
+        o = self.scaled(self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b))
         x, residual = self.norm_op(residual, o, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
         up = self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b)
         mlp = self.linear(self.activation(up), f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
-        return residual, mlp
+        return residual, self.scaled(mlp)
+
+    def qk_normed(self, i: int, lw: LayerWeights, qkv: str) -> list[str]:
+        """Separate q, k, v [B, S, n*D] with q and k RMS-normalized per head (qk-norm)."""
+        g, w = self.g, self.w
+        d = w.head_dim
+        q, k, v = g.split_last(qkv, [w.num_heads * d, w.num_kv_heads * d, w.num_kv_heads * d])
+        out = []
+        for name, x, weight in (("q_norm", q, lw.q_norm_w), ("k_norm", k, lw.k_norm_w)):
+            assert weight is not None
+            heads = g.op("Reshape", [x, g.const([0, 0, -1, d])])  # [B, S, n, D]
+            normed = g.op(
+                "SimplifiedLayerNormalization",
+                [heads, self.weight(f"layers.{i}.attn.{name}.weight", weight)],
+                axis=-1,
+                epsilon=w.norm_eps,
+                stash_type=1,
+            )
+            out.append(g.op("Reshape", [normed, g.const([0, 0, -1])]))
+        return [*out, v]
 
     def activation(self, h: str) -> str:
         if self.w.activation == "gelu_tanh":

@@ -74,11 +74,14 @@ class DecoderGraph:
         bias = self.optional_weight(f"{name}.bias", b)
         return self.g.op("Add", [y, bias]) if bias else y
 
-    def norm(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+    def norm(
+        self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, rms: bool = False
+    ) -> str:
+        """The model's norm over the last axis (``rms`` forces RMSNorm, as qk-norms are)."""
         g = self.g
         w = self.weight(f"{name}.weight", weight)
         eps = self.w.norm_eps
-        if self.w.norm == "layer":
+        if self.w.norm == "layer" and not rms:
             b = self.optional_weight(f"{name}.bias", bias)
             return g.op(
                 "LayerNormalization",
@@ -127,6 +130,8 @@ class DecoderGraph:
         with g.scope("embed"):
             embed = self.weight("embed_tokens.weight", w.embed)
             h = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, E]
+            if w.embed_scale != 1.0:
+                h = g.op("Mul", [h, g.const(w.embed_scale, self.np_float)])
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
                 h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
@@ -156,7 +161,9 @@ class DecoderGraph:
     def decoder_layers(self, h: str) -> str:
         g, w = self.g, self.w
         with g.scope("mask"):
-            bias = self.attention_bias()
+            # One additive mask per distinct window (None = full causal), shared by its layers.
+            windows = {lw.sliding_window for lw in w.layers}
+            masks = {win: self.attention_bias(win) for win in sorted(windows, key=lambda x: x or 0)}
         rope = None
         if w.rope_cos is not None and w.rope_sin is not None:
             with g.scope("rope"):
@@ -169,13 +176,15 @@ class DecoderGraph:
                 )
         for i, layer in enumerate(w.layers):
             with g.scope(f"layers.{i}"):
-                h = self.layer(i, layer, h, bias, rope)
+                h = self.layer(i, layer, h, masks[layer.sliding_window], rope)
         with g.scope("head"):
             return self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
 
     def lm_head(self, h: str, embed: str) -> str:
         """[B, S, E] normalized hidden states to float32 logits [B, S, V]."""
         g, w = self.g, self.w
+        if w.logits_scale != 1.0:  # (h * s) @ W = (h @ W) * s, before the bias (none here)
+            h = g.op("Mul", [h, g.const(w.logits_scale, self.np_float)])
         if self.fmt.head_matmul:
             table_t = np.ascontiguousarray((w.lm_head if w.lm_head is not None else w.embed).T)
             logits = self.linear(h, "lm_head", table_t, w.lm_head_b, head=True)  # [B, S, V]
@@ -193,7 +202,7 @@ class DecoderGraph:
         logits = g.op("Reshape", [logits, out_shape])
         return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
 
-    def attention_bias(self) -> str:
+    def attention_bias(self, window: int | None = None) -> str:
         """Additive float32 mask [B, 1, S, T]: 0 where a query may attend, a huge negative elsewhere."""
         g = self.g
         seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)  # scalar S
@@ -203,8 +212,8 @@ class DecoderGraph:
         q_pos = g.op("Unsqueeze", [g.op("Range", [past, total, one]), g.const([1])])  # [S, 1]
         k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total, one]), g.const([0])])  # [1, T]
         allowed = g.op("LessOrEqual", [k_pos, q_pos])  # causal [S, T]
-        if self.w.sliding_window:
-            lowest = g.op("Sub", [q_pos, g.const(self.w.sliding_window)])
+        if window:
+            lowest = g.op("Sub", [q_pos, g.const(window)])
             allowed = g.op("And", [allowed, g.op("Greater", [k_pos, lowest])])
         allowed = g.op("Unsqueeze", [allowed, g.const([0, 1])])  # [1, 1, S, T]
         pad = g.op("Cast", ["attention_mask"], to=TensorProto.BOOL)
@@ -228,6 +237,9 @@ class DecoderGraph:
         v = g.op(
             "Transpose", [g.op("Reshape", [v, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3]
         )
+        if lw.q_norm_w is not None and lw.k_norm_w is not None:
+            q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)
+            k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
         # [B, KVH, T, D], written straight into the graph outputs.
@@ -240,18 +252,33 @@ class DecoderGraph:
             v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
         )
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
-        h = g.op("Add", [h, self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)])
+        h = g.op("Add", [h, self.scaled(self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b))])
         x = self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
         a = self.activation(self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b))
-        return g.op("Add", [h, self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)])
+        mlp = self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
+        return g.op("Add", [h, self.scaled(mlp)])
+
+    def scaled(self, branch: str) -> str:
+        """A residual branch times the residual multiplier (Granite), before it is added."""
+        if self.w.residual_scale == 1.0:
+            return branch
+        return self.g.op("Mul", [branch, self.g.const(self.w.residual_scale, self.np_float)])
 
     def rotate(self, x: str, rope: tuple[str, str]) -> str:
-        """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1]."""
+        """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1].
+
+        With partial rotary only the leading ``rotary_dim`` of each head turn; the rest passes.
+        """
         g = self.g
-        half = self.w.head_dim // 2
-        x1, x2 = g.split_last(x, [half, half])
+        d = self.w.head_dim
+        r = self.w.rotary_dim or d
+        passed = None
+        if r < d:
+            x, passed = g.split_last(x, [r, d - r])
+        x1, x2 = g.split_last(x, [r // 2, r // 2])
         rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-        return g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
+        y = g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
+        return y if passed is None else g.op("Concat", [y, passed], axis=-1)
 
     def attend(self, q: str, k: str, v: str, bias: str, scale: float) -> str:
         """Scaled dot-product attention; returns [B, S, H*D].

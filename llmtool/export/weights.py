@@ -36,6 +36,12 @@ class LayerWeights:
     down_w: np.ndarray  # [I, E]
     down_b: np.ndarray | None
     attn_scale: float  # multiplies q·k
+    # Keys a query may see: the last ``sliding_window`` positions (itself included); None = all.
+    # Per layer, as transformers reads ``config.layer_types`` (Qwen2's max_window_layers).
+    sliding_window: int | None = None
+    # qk-norm (Qwen3, OLMo 2 style): RMSNorm weights [D] over each head of q and k, before rope.
+    q_norm_w: np.ndarray | None = None
+    k_norm_w: np.ndarray | None = None
 
 
 @dataclass
@@ -60,9 +66,20 @@ class DecoderWeights:
     lm_head_b: np.ndarray | None = None
     layers: list[LayerWeights] = field(default_factory=list)
     positions: np.ndarray | None = None  # [P, E] learned absolute positions (GPT-2)
-    rope_cos: np.ndarray | None = None  # [P, D] (scaling folded in)
-    rope_sin: np.ndarray | None = None  # [P, D]
-    sliding_window: int | None = None
+    rope_cos: np.ndarray | None = None  # [P, R] (scaling folded in)
+    rope_sin: np.ndarray | None = None  # [P, R]
+    # R: the rotated leading part of each head (partial rotary); the rest passes unrotated.
+    rotary_dim: int | None = None
+    # Multipliers (Granite): embeddings * embed_scale, residual += branch * residual_scale,
+    # logits * logits_scale.
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logits_scale: float = 1.0
+
+    @property
+    def windows(self) -> list[int]:
+        """The distinct sliding windows of the layers, sorted."""
+        return sorted({lw.sliding_window for lw in self.layers if lw.sliding_window})
 
     @property
     def num_layers(self) -> int:
@@ -80,4 +97,18 @@ class DecoderWeights:
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
             "max_positions": self.max_positions,
+            "features": self.features(),
         }
+
+    def features(self) -> list[str]:
+        """The named departures from a plain Llama decoder this model uses (for the manifest)."""
+        found = []
+        if any(lw.q_norm_w is not None for lw in self.layers):
+            found.append("qk_norm")
+        if self.rotary_dim and self.rotary_dim < self.head_dim:
+            found.append("partial_rotary")
+        if self.windows:
+            found.append("sliding_window")
+        if (self.embed_scale, self.residual_scale, self.logits_scale) != (1.0, 1.0, 1.0):
+            found.append("multipliers")
+        return found
