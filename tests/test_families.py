@@ -48,6 +48,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
     "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": WINDOW}),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", {}),
+    # Phi-4-mini style partial rotary: 16 of 32 head dims turn (fused: GroupQueryAttention).
+    "phi3_partial_rotary": (
+        "Phi3Config",
+        "Phi3ForCausalLM",
+        {"hidden_size": 128, "partial_rotary_factor": 0.5},
+    ),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
 }
 
 
@@ -159,7 +167,8 @@ def test_perplexity_equals_transformers(family_export, sample_text_file, tmp_pat
 def test_families_are_registered():
     from llmtool.export.registry import supported_model_types
 
-    assert {"qwen2", "qwen3", "granite", "mistral"} <= set(supported_model_types())
+    expected = {"qwen2", "qwen3", "granite", "mistral", "phi3", "gemma"}
+    assert expected <= set(supported_model_types())
 
 
 # Refusals ---------------------------------------------------------------------------------------

@@ -108,8 +108,18 @@ def _rope_tables(model: Any, max_positions: int) -> tuple[np.ndarray, np.ndarray
 def _check_llama_config(cfg: Any) -> None:
     """Refuse the Llama-family variants the graph does not implement."""
     check_rope_config(cfg)
-    if getattr(cfg, "hidden_act", "silu") != "silu":
-        raise UsageError(f"Activation {cfg.hidden_act} is not supported for {cfg.model_type}")
+    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    if act not in GLU_ACTIVATIONS:
+        raise UsageError(f"Activation {act} is not supported for {cfg.model_type}")
+
+
+# transformers' gated-MLP activation names -> the graph's.
+GLU_ACTIVATIONS = {
+    "silu": "silu_glu",
+    "gelu_pytorch_tanh": "gelu_tanh_glu",
+    "gelu_new": "gelu_tanh_glu",
+    "gelu": "gelu_glu",
+}
 
 
 def _concat_biases(modules: list[Any]) -> np.ndarray | None:
@@ -130,9 +140,16 @@ def _side_by_side(modules: list[Any]) -> np.ndarray:
 
 
 def llama_layer(layer: Any, head_dim: int) -> LayerWeights:
-    """One Llama-style decoder layer: separate q/k/v projections, gated MLP, two RMSNorms."""
+    """One Llama-style decoder layer: q/k/v projections, gated MLP, two RMSNorms.
+
+    Phi-3's packed ``qkv_proj`` and ``gate_up_proj`` already hold q, k, v and gate, up side by
+    side, in the order the graph reads them.
+    """
     attn, mlp = layer.self_attn, layer.mlp
-    qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+    packed_qkv = getattr(attn, "qkv_proj", None)
+    qkv = [packed_qkv] if packed_qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
+    packed_up = getattr(mlp, "gate_up_proj", None)
+    up = [packed_up] if packed_up is not None else [mlp.gate_proj, mlp.up_proj]
     return LayerWeights(
         norm1_w=to_numpy(layer.input_layernorm.weight),
         norm1_b=None,
@@ -142,8 +159,8 @@ def llama_layer(layer: Any, head_dim: int) -> LayerWeights:
         o_b=_optional_array(attn.o_proj, "bias"),
         norm2_w=to_numpy(layer.post_attention_layernorm.weight),
         norm2_b=None,
-        up_w=_side_by_side([mlp.gate_proj, mlp.up_proj]),  # gate then up
-        up_b=_concat_biases([mlp.gate_proj, mlp.up_proj]),
+        up_w=_side_by_side(up),  # gate then up
+        up_b=_concat_biases(up),
         down_w=_side_by_side([mlp.down_proj]),
         down_b=_optional_array(mlp.down_proj, "bias"),
         attn_scale=float(getattr(attn, "scaling", head_dim**-0.5)),
@@ -166,6 +183,14 @@ def extract_granite(model: Any) -> DecoderWeights:
     w.embed_scale = float(cfg.embedding_multiplier)
     w.residual_scale = float(cfg.residual_multiplier)
     w.logits_scale = 1.0 / float(cfg.logits_scaling)
+    return w
+
+
+def extract_gemma(model: Any) -> DecoderWeights:
+    """Gemma: Llama with (1 + w) RMSNorm gains, embeddings scaled by sqrt(hidden), GeGLU."""
+    w = extract_llama(model)
+    w.norm_weight_offset = 1.0
+    w.embed_scale = float(np.float32(model.config.hidden_size**0.5))
     return w
 
 
@@ -202,7 +227,9 @@ def extract_llama(model: Any) -> DecoderWeights:
         max_positions=max_pos,
         norm="rms",
         norm_eps=float(cfg.rms_norm_eps),
-        activation="silu_glu",
+        activation=GLU_ACTIVATIONS[
+            getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+        ],
         embed=embed,
         final_norm_w=to_numpy(model.model.norm.weight),
         final_norm_b=None,

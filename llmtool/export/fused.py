@@ -95,7 +95,7 @@ class _FusedDecoderGraph(DecoderGraph):
     ) -> tuple[str, str]:
         """Normalize ``x + skip``; returns (normalized, x + skip)."""
         g = self.g
-        w = self.weight(f"{name}.weight", weight)
+        w = self.norm_gain(name, weight)
         eps = self.w.norm_eps
         rms = self.w.norm == "rms"
         if skip is None:
@@ -204,7 +204,7 @@ class _FusedDecoderGraph(DecoderGraph):
             heads = g.op("Reshape", [x, g.const([0, 0, -1, d])])  # [B, S, n, D]
             normed = g.op(
                 "SimplifiedLayerNormalization",
-                [heads, self.weight(f"layers.{i}.attn.{name}.weight", weight)],
+                [heads, self.norm_gain(f"layers.{i}.attn.{name}", weight)],
                 axis=-1,
                 epsilon=w.norm_eps,
                 stash_type=1,

@@ -21,6 +21,7 @@ from llmtool.errors import UsageError
 from llmtool.export.contract import BuiltGraph, GraphOptions, WeightFormat
 from llmtool.export.extractors import (
     check_rope_config,
+    extract_gemma,
     extract_gpt2,
     extract_granite,
     extract_llama,
@@ -78,8 +79,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     "granite": decoder(
         extract_granite, "Llama with embedding, residual, attention and logits multipliers"
     ),
+    "phi3": decoder(extract_llama, "Llama with packed qkv and gate_up projections"),
+    "gemma": decoder(extract_gemma, "Llama with (1 + w) RMSNorm, sqrt(hidden) embeddings, GeGLU"),
     "gpt2": decoder(
-        extract_gpt2, "LayerNorm, learned positions, GELU MLP, biases everywhere", rotary=False
+        extract_gpt2,
+        "LayerNorm, learned positions, GELU MLP, biases everywhere",
+        rotary=False,
     ),
     LSTM_TYPE: Architecture(
         "llmtool train's LSTM: the (h, c) state is the cache",

@@ -79,7 +79,7 @@ class DecoderGraph:
     ) -> str:
         """The model's norm over the last axis (``rms`` forces RMSNorm, as qk-norms are)."""
         g = self.g
-        w = self.weight(f"{name}.weight", weight)
+        w = self.norm_gain(name, weight)
         eps = self.w.norm_eps
         if self.w.norm == "layer" and not rms:
             b = self.optional_weight(f"{name}.bias", bias)
@@ -97,13 +97,23 @@ class DecoderGraph:
         y = self.to_model_float(g.op("Div", [xf, denom]))
         return g.op("Mul", [y, w])
 
+    def norm_gain(self, name: str, weight: np.ndarray) -> str:
+        """A norm's gain as stored: ``offset + w`` for (1 + w) RMSNorms (Gemma), in float32 maths."""
+        offset = self.w.norm_weight_offset
+        return self.weight(f"{name}.weight", weight + np.float32(offset) if offset else weight)
+
     def activation(self, h: str) -> str:
         g, kind = self.g, self.w.activation
-        f = self.np_float
-        if kind == "silu_glu":
+        if kind.endswith("_glu"):  # act(gate) * up
             inter = self.w.layers[0].down_w.shape[0]
             gate, up = g.split_last(h, [inter, inter])
-            return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+            return g.op("Mul", [self.plain_activation(gate, kind.removesuffix("_glu")), up])
+        return self.plain_activation(h, kind)
+
+    def plain_activation(self, h: str, kind: str) -> str:
+        g, f = self.g, self.np_float
+        if kind == "silu":
+            return g.op("Mul", [h, g.op("Sigmoid", [h])])
         if kind == "relu":
             return g.op("Relu", [h])
         if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))

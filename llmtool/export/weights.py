@@ -58,7 +58,9 @@ class DecoderWeights:
     max_positions: int
     norm: str  # "rms" or "layer"
     norm_eps: float
-    activation: str  # "silu_glu", "gelu_tanh", "gelu", "relu"
+    # "silu_glu", "gelu_tanh_glu", "gelu_glu" (gated: up_w holds gate then up), or
+    # "gelu_tanh", "gelu", "relu".
+    activation: str
     embed: np.ndarray  # [V, E]
     final_norm_w: np.ndarray
     final_norm_b: np.ndarray | None
@@ -72,6 +74,8 @@ class DecoderWeights:
     rotary_dim: int | None = None
     # Multipliers (Granite): embeddings * embed_scale, residual += branch * residual_scale,
     # logits * logits_scale.
+    # Gemma's RMSNorm multiplies by (offset + w); the graph adds it when it stores the gains.
+    norm_weight_offset: float = 0.0
     embed_scale: float = 1.0
     residual_scale: float = 1.0
     logits_scale: float = 1.0
@@ -109,6 +113,10 @@ class DecoderWeights:
             found.append("partial_rotary")
         if self.windows:
             found.append("sliding_window")
+        if self.norm_weight_offset:
+            found.append("offset_rms_norm")
+        if self.embed_scale != 1.0:
+            found.append("scaled_embeddings")
         if (self.embed_scale, self.residual_scale, self.logits_scale) != (1.0, 1.0, 1.0):
             found.append("multipliers")
         return found
