@@ -108,9 +108,14 @@ def _rope_tables(model: Any, max_positions: int) -> tuple[np.ndarray, np.ndarray
 def _check_llama_config(cfg: Any) -> None:
     """Refuse the Llama-family variants the graph does not implement."""
     check_rope_config(cfg)
-    act = getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
+    act = _hidden_act(cfg)
     if act not in GLU_ACTIVATIONS:
         raise UsageError(f"Activation {act} is not supported for {cfg.model_type}")
+
+
+def _hidden_act(cfg: Any) -> str:
+    """The MLP activation's name, as the modelling code reads it (Gemma: hidden_activation)."""
+    return str(getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu"))
 
 
 # transformers' gated-MLP activation names -> the graph's.
@@ -227,9 +232,7 @@ def extract_llama(model: Any) -> DecoderWeights:
         max_positions=max_pos,
         norm="rms",
         norm_eps=float(cfg.rms_norm_eps),
-        activation=GLU_ACTIVATIONS[
-            getattr(cfg, "hidden_activation", None) or getattr(cfg, "hidden_act", "silu")
-        ],
+        activation=GLU_ACTIVATIONS[_hidden_act(cfg)],
         embed=embed,
         final_norm_w=to_numpy(model.model.norm.weight),
         final_norm_b=None,
