@@ -56,6 +56,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         {"hidden_size": 128, "partial_rotary_factor": 0.5},
     ),
     "gemma": ("GemmaConfig", "GemmaForCausalLM", {"head_dim": 16}),
+    "gemma2": (
+        "Gemma2Config",
+        "Gemma2ForCausalLM",
+        {
+            "head_dim": 16,
+            "sliding_window": WINDOW,
+            "attn_logit_softcapping": 5.0,
+            "final_logit_softcapping": 3.0,
+            "query_pre_attn_scalar": 24,
+        },
+    ),
+    "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
 }
 
 
@@ -132,7 +144,7 @@ def test_export_validation_passes(family_export):
         v = result.validation
         assert v["passed"], (name, v)
         assert v["prefill_max_abs_diff"] < 1e-4
-        if "sliding" in name or "window" in name or name == "mistral":
+        if "sliding" in name or "window" in name or name in ("mistral", "gemma2"):
             assert v["long_tokens"] > WINDOW  # the long check crossed the window
 
 
@@ -167,7 +179,7 @@ def test_perplexity_equals_transformers(family_export, sample_text_file, tmp_pat
 def test_families_are_registered():
     from llmtool.export.registry import supported_model_types
 
-    expected = {"qwen2", "qwen3", "granite", "mistral", "phi3", "gemma"}
+    expected = {"qwen2", "qwen3", "granite", "mistral", "phi3", "gemma", "gemma2", "olmo2"}
     assert expected <= set(supported_model_types())
 
 

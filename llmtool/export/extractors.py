@@ -16,6 +16,11 @@ from llmtool.errors import UsageError
 from llmtool.export.weights import DecoderWeights, LayerWeights, to_numpy
 
 
+def _optional_weight(layer: Any, name: str) -> np.ndarray | None:
+    module = getattr(layer, name, None)
+    return None if module is None else to_numpy(module.weight)
+
+
 def _optional_array(module: Any, name: str) -> np.ndarray | None:
     t = getattr(module, name, None)
     return None if t is None else to_numpy(t)
@@ -156,13 +161,13 @@ def llama_layer(layer: Any, head_dim: int) -> LayerWeights:
     packed_up = getattr(mlp, "gate_up_proj", None)
     up = [packed_up] if packed_up is not None else [mlp.gate_proj, mlp.up_proj]
     return LayerWeights(
-        norm1_w=to_numpy(layer.input_layernorm.weight),
+        norm1_w=_optional_weight(layer, "input_layernorm"),
         norm1_b=None,
         qkv_w=_side_by_side(qkv),
         qkv_b=_concat_biases(qkv),
         o_w=_side_by_side([attn.o_proj]),
         o_b=_optional_array(attn.o_proj, "bias"),
-        norm2_w=to_numpy(layer.post_attention_layernorm.weight),
+        norm2_w=_optional_weight(layer, "post_attention_layernorm"),
         norm2_b=None,
         up_w=_side_by_side(up),  # gate then up
         up_b=_concat_biases(up),
@@ -196,6 +201,32 @@ def extract_gemma(model: Any) -> DecoderWeights:
     w = extract_llama(model)
     w.norm_weight_offset = 1.0
     w.embed_scale = float(np.float32(model.config.hidden_size**0.5))
+    return w
+
+
+def extract_gemma2(model: Any) -> DecoderWeights:
+    """Gemma 2: Gemma with post-norms on both branches, soft-capping, alternating windows."""
+    cfg = model.config
+    w = extract_gemma(model)
+    for lw, layer in zip(w.layers, model.model.layers, strict=True):
+        lw.post_attn_norm_w = to_numpy(layer.post_attention_layernorm.weight)
+        lw.norm2_w = to_numpy(layer.pre_feedforward_layernorm.weight)
+        lw.post_mlp_norm_w = to_numpy(layer.post_feedforward_layernorm.weight)
+    w.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
+    w.logits_softcap = getattr(cfg, "final_logit_softcapping", None)
+    return w
+
+
+def extract_olmo2(model: Any) -> DecoderWeights:
+    """OLMo 2: post-norms only (no pre-norms), RMSNorm over the whole q and k projections."""
+    w = extract_llama(model)
+    for lw, layer in zip(w.layers, model.model.layers, strict=True):
+        lw.norm1_w = lw.norm2_w = None
+        lw.post_attn_norm_w = to_numpy(layer.post_attention_layernorm.weight)
+        lw.post_mlp_norm_w = to_numpy(layer.post_feedforward_layernorm.weight)
+        lw.q_norm_w = to_numpy(layer.self_attn.q_norm.weight)
+        lw.k_norm_w = to_numpy(layer.self_attn.k_norm.weight)
+        lw.qk_norm_per_head = False
     return w
 
 

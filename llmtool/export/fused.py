@@ -158,7 +158,9 @@ class _FusedDecoderGraph(DecoderGraph):
         self, i: int, lw: LayerWeights, residual: str, pending: str | None
     ) -> tuple[str, str]:
         g, w = self.g, self.w
-        x, residual = self.norm_op(residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
+        x, residual = self.placed_norm(
+            residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b
+        )
         qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
         qkv_inputs = [qkv, "", ""]  # packed q, k, v
         if lw.q_norm_w is not None and lw.k_norm_w is not None:
@@ -183,25 +185,47 @@ class _FusedDecoderGraph(DecoderGraph):
             do_rotary=int(rotary),
             rotary_interleaved=0,
             local_window_size=window if window else -1,
+            softcap=float(w.attn_softcap or 0.0),
         )[0]
         present_shape: list[int | str] = ["batch", w.num_kv_heads, "total_sequence", w.head_dim]
         g.add_output(f"present.{i}.key", f"present.{i}.key", self.onnx_float, present_shape)
         g.add_output(f"present.{i}.value", f"present.{i}.value", self.onnx_float, present_shape)
-        o = self.scaled(self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b))
-        x, residual = self.norm_op(residual, o, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+        o = self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
+        o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        x, residual = self.placed_norm(
+            residual, self.scaled(o), f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b
+        )
         up = self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b)
         mlp = self.linear(self.activation(up), f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
+        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
         return residual, self.scaled(mlp)
 
+    def placed_norm(
+        self, x: str, skip: str | None, name: str, weight: np.ndarray | None, b: np.ndarray | None
+    ) -> tuple[str, str]:
+        """:meth:`norm_op`, or the bare residual sum where the family has no norm there."""
+        if weight is not None:
+            return self.norm_op(x, skip, name, weight, b)
+        total = x if skip is None else self.g.op("Add", [x, skip])
+        return total, total
+
+    def pre_norm(
+        self, x: str, name: str, weight: np.ndarray | None, bias: np.ndarray | None
+    ) -> str:
+        return x if weight is None else self.norm_op(x, None, name, weight, bias)[0]
+
     def qk_normed(self, i: int, lw: LayerWeights, qkv: str) -> list[str]:
-        """Separate q, k, v [B, S, n*D] with q and k RMS-normalized per head (qk-norm)."""
+        """Separate q, k, v [B, S, n*D] with q and k RMS-normalized (qk-norm).
+
+        Per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2).
+        """
         g, w = self.g, self.w
         d = w.head_dim
         q, k, v = g.split_last(qkv, [w.num_heads * d, w.num_kv_heads * d, w.num_kv_heads * d])
         out = []
         for name, x, weight in (("q_norm", q, lw.q_norm_w), ("k_norm", k, lw.k_norm_w)):
             assert weight is not None
-            heads = g.op("Reshape", [x, g.const([0, 0, -1, d])])  # [B, S, n, D]
+            heads = g.op("Reshape", [x, g.const([0, 0, -1, d])]) if lw.qk_norm_per_head else x
             normed = g.op(
                 "SimplifiedLayerNormalization",
                 [heads, self.norm_gain(f"layers.{i}.attn.{name}", weight)],

@@ -22,9 +22,11 @@ from llmtool.export.contract import BuiltGraph, GraphOptions, WeightFormat
 from llmtool.export.extractors import (
     check_rope_config,
     extract_gemma,
+    extract_gemma2,
     extract_gpt2,
     extract_granite,
     extract_llama,
+    extract_olmo2,
     extract_qwen3,
 )
 from llmtool.export.fused import build_fused
@@ -81,6 +83,10 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "phi3": decoder(extract_llama, "Llama with packed qkv and gate_up projections"),
     "gemma": decoder(extract_gemma, "Llama with (1 + w) RMSNorm, sqrt(hidden) embeddings, GeGLU"),
+    "gemma2": decoder(
+        extract_gemma2, "Gemma with pre+post norms, soft-capping, alternating sliding window"
+    ),
+    "olmo2": decoder(extract_olmo2, "Llama with post-norms only and RMSNorm on all of q and k"),
     "gpt2": decoder(
         extract_gpt2,
         "LayerNorm, learned positions, GELU MLP, biases everywhere",

@@ -193,24 +193,21 @@ class DecoderGraph:
     def lm_head(self, h: str, embed: str) -> str:
         """[B, S, E] normalized hidden states to float32 logits [B, S, V]."""
         g, w = self.g, self.w
-        if w.logits_scale != 1.0:  # (h * s) @ W = (h @ W) * s, before the bias (none here)
-            h = g.op("Mul", [h, g.const(w.logits_scale, self.np_float)])
         if self.fmt.head_matmul:
             table_t = np.ascontiguousarray((w.lm_head if w.lm_head is not None else w.embed).T)
             logits = self.linear(h, "lm_head", table_t, w.lm_head_b, head=True)  # [B, S, V]
-            if self.dtype == "fp32":
-                return g.op("Identity", [logits], names=["logits"])
-            return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
-        head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
-        table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
-        # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
-        flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
-        logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
-        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
-        if self.dtype == "fp32":
-            return g.op("Reshape", [logits, out_shape], names=["logits"])
-        logits = g.op("Reshape", [logits, out_shape])
-        return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
+        else:
+            head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
+            table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
+            # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
+            flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
+            logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
+            shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
+            logits = g.op("Reshape", [logits, shape])
+        logits = self.to_float32(logits)
+        if w.logits_scale != 1.0:  # Granite divides by logits_scaling
+            logits = g.op("Mul", [logits, g.const(w.logits_scale, np.float32)])
+        return g.op("Identity", [self.softcap(logits, w.logits_softcap)], names=["logits"])
 
     def attention_bias(self, window: int | None = None) -> str:
         """Additive float32 mask [B, 1, S, T]: 0 where a query may attend, a huge negative elsewhere."""
@@ -236,9 +233,13 @@ class DecoderGraph:
     ) -> str:
         g, w = self.g, self.w
         heads, kv_heads, d = w.num_heads, w.num_kv_heads, w.head_dim
-        x = self.norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
+        x = self.pre_norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
         qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
         q, k, v = g.split_last(qkv, [heads * d, kv_heads * d, kv_heads * d])
+        full_qk_norm = lw.q_norm_w is not None and lw.k_norm_w is not None
+        if full_qk_norm and not lw.qk_norm_per_head:  # over [H*D] (OLMo 2)
+            q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)  # type: ignore[arg-type]
+            k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)  # type: ignore[arg-type]
         # [B, S, n*D] -> [B, n, S, D]
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, heads, d])])], perm=[0, 2, 1, 3])
         k = g.op(
@@ -247,9 +248,9 @@ class DecoderGraph:
         v = g.op(
             "Transpose", [g.op("Reshape", [v, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3]
         )
-        if lw.q_norm_w is not None and lw.k_norm_w is not None:
-            q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)
-            k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)
+        if full_qk_norm and lw.qk_norm_per_head:  # over each head [D] (Qwen3, Gemma 3)
+            q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)  # type: ignore[arg-type]
+            k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)  # type: ignore[arg-type]
         if rope is not None:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
         # [B, KVH, T, D], written straight into the graph outputs.
@@ -262,11 +263,28 @@ class DecoderGraph:
             v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
         )
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
-        h = g.op("Add", [h, self.scaled(self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b))])
-        x = self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+        o = self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
+        o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        h = g.op("Add", [h, self.scaled(o)])
+        x = self.pre_norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
         a = self.activation(self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b))
         mlp = self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
+        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
         return g.op("Add", [h, self.scaled(mlp)])
+
+    def pre_norm(
+        self, x: str, name: str, weight: np.ndarray | None, bias: np.ndarray | None
+    ) -> str:
+        """The norm at one placement, or ``x`` itself where the family has none there."""
+        return x if weight is None else self.norm(x, name, weight, bias)
+
+    def softcap(self, x: str, cap: float | None) -> str:
+        """cap * tanh(x / cap) in float32 (Gemma 2's attention and logit soft-capping)."""
+        if not cap:
+            return x
+        g = self.g
+        c = g.const(cap, np.float32)
+        return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c])]), c])
 
     def scaled(self, branch: str) -> str:
         """A residual branch times the residual multiplier (Granite), before it is added."""
@@ -306,7 +324,7 @@ class DecoderGraph:
             k_t = g.op("Unsqueeze", [k_t, g.const([2])])
             v = g.op("Unsqueeze", [v, g.const([2])])
             bias = g.op("Unsqueeze", [bias, g.const([1])])
-        scores = self.to_float32(g.op("MatMul", [q, k_t]))
+        scores = self.softcap(self.to_float32(g.op("MatMul", [q, k_t])), w.attn_softcap)
         probs = self.to_model_float(g.op("Softmax", [g.op("Add", [scores, bias])], axis=-1))
         ctx = g.op("MatMul", [probs, v])
         if rep > 1:

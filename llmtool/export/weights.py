@@ -23,13 +23,13 @@ def to_numpy(t: Any) -> np.ndarray:
 class LayerWeights:
     """One decoder layer; matrices are [in_features, out_features] (ONNX MatMul layout)."""
 
-    norm1_w: np.ndarray  # [E]
+    norm1_w: np.ndarray | None  # [E]; None: no norm before attention (OLMo 2)
     norm1_b: np.ndarray | None  # [E] (LayerNorm only)
     qkv_w: np.ndarray  # [E, (H + 2*KVH) * D]: q, k, v side by side
     qkv_b: np.ndarray | None  # [(H + 2*KVH) * D]
     o_w: np.ndarray  # [H*D, E]
     o_b: np.ndarray | None
-    norm2_w: np.ndarray
+    norm2_w: np.ndarray | None  # before the MLP; None: none (OLMo 2)
     norm2_b: np.ndarray | None
     up_w: np.ndarray  # [E, I] or, for gated MLPs, [E, 2*I]: gate then up
     up_b: np.ndarray | None
@@ -42,6 +42,11 @@ class LayerWeights:
     # qk-norm (Qwen3, OLMo 2 style): RMSNorm weights [D] over each head of q and k, before rope.
     q_norm_w: np.ndarray | None = None
     k_norm_w: np.ndarray | None = None
+    qk_norm_per_head: bool = True  # False: over the whole projection [H*D] (OLMo 2)
+    # Norm placement: post-norms on each branch's output, before the residual add (Gemma 2/3,
+    # OLMo 2); None where the family has none.
+    post_attn_norm_w: np.ndarray | None = None
+    post_mlp_norm_w: np.ndarray | None = None
 
 
 @dataclass
@@ -79,6 +84,9 @@ class DecoderWeights:
     embed_scale: float = 1.0
     residual_scale: float = 1.0
     logits_scale: float = 1.0
+    # Soft-capping (Gemma 2): cap * tanh(x / cap) on attention scores / final logits.
+    attn_softcap: float | None = None
+    logits_softcap: float | None = None
 
     @property
     def windows(self) -> list[int]:
@@ -113,6 +121,12 @@ class DecoderWeights:
             found.append("partial_rotary")
         if self.windows:
             found.append("sliding_window")
+        if any(lw.post_attn_norm_w is not None for lw in self.layers):
+            found.append("post_norms")
+        if any(lw.norm1_w is None for lw in self.layers):
+            found.append("no_pre_norms")
+        if self.attn_softcap or self.logits_softcap:
+            found.append("softcap")
         if self.norm_weight_offset:
             found.append("offset_rms_norm")
         if self.embed_scale != 1.0:
