@@ -68,6 +68,13 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         },
     ),
     "olmo2": ("Olmo2Config", "Olmo2ForCausalLM", {}),
+    "smollm3": ("SmolLM3Config", "SmolLM3ForCausalLM", {"no_rope_layers": [1, 0]}),
+    # 16 of 64 head dims turn, so the fused graph applies.
+    "stablelm": (
+        "StableLmConfig",
+        "StableLmForCausalLM",
+        {"hidden_size": 256, "partial_rotary_factor": 0.25, "use_qkv_bias": True},
+    ),
 }
 
 
@@ -179,7 +186,18 @@ def test_perplexity_equals_transformers(family_export, sample_text_file, tmp_pat
 def test_families_are_registered():
     from llmtool.export.registry import supported_model_types
 
-    expected = {"qwen2", "qwen3", "granite", "mistral", "phi3", "gemma", "gemma2", "olmo2"}
+    expected = {
+        "qwen2",
+        "qwen3",
+        "granite",
+        "mistral",
+        "phi3",
+        "gemma",
+        "gemma2",
+        "olmo2",
+        "smollm3",
+        "stablelm",
+    }
     assert expected <= set(supported_model_types())
 
 

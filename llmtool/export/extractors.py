@@ -230,6 +230,32 @@ def extract_olmo2(model: Any) -> DecoderWeights:
     return w
 
 
+def extract_smollm3(model: Any) -> DecoderWeights:
+    """SmolLM3: Llama whose ``no_rope_layers`` (0 = NoPE) take no rotary positions."""
+    w = extract_llama(model)
+    for lw, use_rope in zip(w.layers, model.config.no_rope_layers, strict=True):
+        lw.use_rope = bool(use_rope)
+    return w
+
+
+def extract_stablelm(model: Any) -> DecoderWeights:
+    """StableLM: Llama with LayerNorm (biases), partial rotary and optional q/k/v biases."""
+    cfg = model.config
+    if getattr(cfg, "qk_layernorm", False) or getattr(cfg, "use_parallel_residual", False):
+        raise UsageError(
+            "StableLM with qk_layernorm or use_parallel_residual is not supported by export",
+            "export a StableLM without them.",
+        )
+    w = extract_llama(model)
+    w.norm = "layer"
+    w.norm_eps = float(cfg.layer_norm_eps)
+    w.final_norm_b = _optional_array(model.model.norm, "bias")
+    for lw, layer in zip(w.layers, model.model.layers, strict=True):
+        lw.norm1_b = _optional_array(layer.input_layernorm, "bias")
+        lw.norm2_b = _optional_array(layer.post_attention_layernorm, "bias")
+    return w
+
+
 def extract_llama(model: Any) -> DecoderWeights:
     """Llama, Mistral, Qwen2 and SmolLM2: RMSNorm, rotary positions, SwiGLU MLP.
 
@@ -262,7 +288,7 @@ def extract_llama(model: Any) -> DecoderWeights:
         vocab_size=cfg.vocab_size,
         max_positions=max_pos,
         norm="rms",
-        norm_eps=float(cfg.rms_norm_eps),
+        norm_eps=float(getattr(cfg, "rms_norm_eps", None) or cfg.layer_norm_eps),
         activation=GLU_ACTIVATIONS[_hidden_act(cfg)],
         embed=embed,
         final_norm_w=to_numpy(model.model.norm.weight),

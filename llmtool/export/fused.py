@@ -165,7 +165,7 @@ class _FusedDecoderGraph(DecoderGraph):
         qkv_inputs = [qkv, "", ""]  # packed q, k, v
         if lw.q_norm_w is not None and lw.k_norm_w is not None:
             qkv_inputs = self.qk_normed(i, lw, qkv)
-        rotary = w.rope_cos is not None
+        rotary = w.rope_cos is not None and lw.use_rope
         window = lw.sliding_window or 0
         attn = g.op(
             "GroupQueryAttention",
@@ -175,7 +175,7 @@ class _FusedDecoderGraph(DecoderGraph):
                 f"past_key_values.{i}.value",
                 self.seqlens_k,
                 self.total_length,
-                *self.rope_caches,
+                *(self.rope_caches if rotary else []),
             ],
             domain=MS_DOMAIN,
             names=[g.fresh_name("gqa") + "/out", f"present.{i}.key", f"present.{i}.value"],

@@ -28,6 +28,8 @@ from llmtool.export.extractors import (
     extract_llama,
     extract_olmo2,
     extract_qwen3,
+    extract_smollm3,
+    extract_stablelm,
 )
 from llmtool.export.fused import build_fused
 from llmtool.export.recurrent import build_recurrent_graph
@@ -87,6 +89,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         extract_gemma2, "Gemma with pre+post norms, soft-capping, alternating sliding window"
     ),
     "olmo2": decoder(extract_olmo2, "Llama with post-norms only and RMSNorm on all of q and k"),
+    "smollm3": decoder(extract_smollm3, "Llama with NoPE layers (no rotary positions)"),
+    "stablelm": decoder(extract_stablelm, "Llama with LayerNorm (biases) and partial rotary"),
     "gpt2": decoder(
         extract_gpt2,
         "LayerNorm, learned positions, GELU MLP, biases everywhere",

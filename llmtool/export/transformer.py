@@ -251,7 +251,7 @@ class DecoderGraph:
         if full_qk_norm and lw.qk_norm_per_head:  # over each head [D] (Qwen3, Gemma 3)
             q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)  # type: ignore[arg-type]
             k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)  # type: ignore[arg-type]
-        if rope is not None:
+        if rope is not None and lw.use_rope:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
         # [B, KVH, T, D], written straight into the graph outputs.
         k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2, names=[f"present.{i}.key"])

@@ -42,6 +42,7 @@ class LayerWeights:
     # qk-norm (Qwen3, OLMo 2 style): RMSNorm weights [D] over each head of q and k, before rope.
     q_norm_w: np.ndarray | None = None
     k_norm_w: np.ndarray | None = None
+    use_rope: bool = True  # False: a NoPE layer (SmolLM3's no_rope_layers)
     qk_norm_per_head: bool = True  # False: over the whole projection [H*D] (OLMo 2)
     # Norm placement: post-norms on each branch's output, before the residual add (Gemma 2/3,
     # OLMo 2); None where the family has none.
@@ -127,6 +128,8 @@ class DecoderWeights:
             found.append("no_pre_norms")
         if self.attn_softcap or self.logits_softcap:
             found.append("softcap")
+        if self.rope_cos is not None and not all(lw.use_rope for lw in self.layers):
+            found.append("nope_layers")
         if self.norm_weight_offset:
             found.append("offset_rms_norm")
         if self.embed_scale != 1.0:
