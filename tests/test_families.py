@@ -78,6 +78,18 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 }
 
 
+# Run by default (one per group of features); the rest carry the ``families`` marker and run in
+# ``nox -s families`` (``pytest -m families``).
+DEFAULT_RUN = {"qwen2_max_window_layers", "gemma2", "olmo2", "phi3_partial_rotary"}
+
+
+def _family_params() -> list[Any]:
+    return [
+        pytest.param(name, marks=() if name in DEFAULT_RUN else pytest.mark.families)
+        for name in sorted(FAMILIES)
+    ]
+
+
 def build_family(name: str, vocab_size: int, seed: int = 0) -> Any:
     """A seeded tiny model of one family; weights scaled up so greedy has clear margins."""
     import torch
@@ -101,7 +113,7 @@ def build_family(name: str, vocab_size: int, seed: int = 0) -> Any:
     return model
 
 
-@pytest.fixture(scope="module", params=sorted(FAMILIES))
+@pytest.fixture(scope="module", params=_family_params())
 def family_export(request, tokenizer, tmp_path_factory):
     """(family, hf dir, standard export dir, fused export dir or None, validations)."""
     from llmtool.export import export_model
