@@ -158,8 +158,9 @@ def llama_layer(layer: Any, head_dim: int) -> LayerWeights:
     attn, mlp = layer.self_attn, layer.mlp
     packed_qkv = getattr(attn, "qkv_proj", None)
     qkv = [packed_qkv] if packed_qkv is not None else [attn.q_proj, attn.k_proj, attn.v_proj]
-    packed_up = getattr(mlp, "gate_up_proj", None)
+    packed_up = getattr(mlp, "gate_up_proj", None) or getattr(mlp, "c_fc", None)  # c_fc: no gate
     up = [packed_up] if packed_up is not None else [mlp.gate_proj, mlp.up_proj]
+    down = getattr(mlp, "down_proj", None) or mlp.c_proj
     return LayerWeights(
         norm1_w=_optional_weight(layer, "input_layernorm"),
         norm1_b=None,
@@ -171,8 +172,8 @@ def llama_layer(layer: Any, head_dim: int) -> LayerWeights:
         norm2_b=None,
         up_w=_side_by_side(up),  # gate then up
         up_b=_concat_biases(up),
-        down_w=_side_by_side([mlp.down_proj]),
-        down_b=_optional_array(mlp.down_proj, "bias"),
+        down_w=_side_by_side([down]),
+        down_b=_optional_array(down, "bias"),
         attn_scale=float(getattr(attn, "scaling", head_dim**-0.5)),
     )
 
@@ -248,11 +249,19 @@ def extract_stablelm(model: Any) -> DecoderWeights:
         )
     w = extract_llama(model)
     w.norm = "layer"
-    w.norm_eps = float(cfg.layer_norm_eps)
     w.final_norm_b = _optional_array(model.model.norm, "bias")
     for lw, layer in zip(w.layers, model.model.layers, strict=True):
         lw.norm1_b = _optional_array(layer.input_layernorm, "bias")
         lw.norm2_b = _optional_array(layer.post_attention_layernorm, "bias")
+    return w
+
+
+def extract_starcoder2(model: Any) -> DecoderWeights:
+    """StarCoder2: StableLM-like LayerNorm decoder with biases and an ungated GELU MLP."""
+    cfg = model.config
+    w = extract_stablelm(model)
+    w.activation = GPT2_ACTIVATIONS[_hidden_act(cfg)]  # c_fc -> act -> c_proj, no gate
+    w.norm_eps = float(cfg.norm_epsilon)
     return w
 
 
@@ -288,7 +297,11 @@ def extract_llama(model: Any) -> DecoderWeights:
         vocab_size=cfg.vocab_size,
         max_positions=max_pos,
         norm="rms",
-        norm_eps=float(getattr(cfg, "rms_norm_eps", None) or cfg.layer_norm_eps),
+        norm_eps=float(
+            getattr(cfg, "rms_norm_eps", None)
+            or getattr(cfg, "layer_norm_eps", None)
+            or cfg.norm_epsilon
+        ),
         activation=GLU_ACTIVATIONS[_hidden_act(cfg)],
         embed=embed,
         final_norm_w=to_numpy(model.model.norm.weight),

@@ -30,6 +30,7 @@ from llmtool.export.extractors import (
     extract_qwen3,
     extract_smollm3,
     extract_stablelm,
+    extract_starcoder2,
 )
 from llmtool.export.fused import build_fused
 from llmtool.export.recurrent import build_recurrent_graph
@@ -91,6 +92,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "olmo2": decoder(extract_olmo2, "Llama with post-norms only and RMSNorm on all of q and k"),
     "smollm3": decoder(extract_smollm3, "Llama with NoPE layers (no rotary positions)"),
     "stablelm": decoder(extract_stablelm, "Llama with LayerNorm (biases) and partial rotary"),
+    "starcoder2": decoder(
+        extract_starcoder2, "LayerNorm with biases, ungated GELU MLP, optional sliding window"
+    ),
     "gpt2": decoder(
         extract_gpt2,
         "LayerNorm, learned positions, GELU MLP, biases everywhere",
