@@ -99,14 +99,20 @@ def check_rope_config(cfg: Any, *, fused: bool = False) -> None:
         )
 
 
-def _rope_tables(model: Any, max_positions: int) -> tuple[np.ndarray, np.ndarray]:
+def _rope_tables(
+    model: Any, max_positions: int, layer_type: str = "full_attention"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The model's own rotary tables; ``layer_type`` picks one of Gemma 3's two rope bases."""
+    import inspect
+
     import torch
 
     rotary = model.model.rotary_emb
     positions = torch.arange(max_positions, dtype=torch.long)[None, :]
     dummy = torch.zeros(1, dtype=torch.float32)
+    typed = "layer_type" in inspect.signature(rotary.forward).parameters
     with torch.no_grad():
-        cos, sin = rotary(dummy, positions)
+        cos, sin = rotary(dummy, positions, layer_type) if typed else rotary(dummy, positions)
     return to_numpy(cos[0]), to_numpy(sin[0])  # [P, R] each, attention scaling included
 
 
@@ -215,6 +221,18 @@ def extract_gemma2(model: Any) -> DecoderWeights:
         lw.post_mlp_norm_w = to_numpy(layer.post_feedforward_layernorm.weight)
     w.attn_softcap = getattr(cfg, "attn_logit_softcapping", None)
     w.logits_softcap = getattr(cfg, "final_logit_softcapping", None)
+    return w
+
+
+def extract_gemma3_text(model: Any) -> DecoderWeights:
+    """Gemma 3 (text): Gemma 2's layout plus per-head qk-norm and a local rope base for the
+    sliding layers."""
+    w = extract_gemma2(model)
+    w.rope_local_cos, w.rope_local_sin = _rope_tables(model, w.max_positions, "sliding_attention")
+    for lw, layer, kind in zip(w.layers, model.model.layers, model.config.layer_types, strict=True):
+        lw.q_norm_w = to_numpy(layer.self_attn.q_norm.weight)
+        lw.k_norm_w = to_numpy(layer.self_attn.k_norm.weight)
+        lw.rope_local = kind == "sliding_attention"
     return w
 
 

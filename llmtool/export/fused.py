@@ -146,6 +146,17 @@ class _FusedDecoderGraph(DecoderGraph):
                 self.weight("rope.cos_cache", np.ascontiguousarray(w.rope_cos[:, :half])),
                 self.weight("rope.sin_cache", np.ascontiguousarray(w.rope_sin[:, :half])),
             ]
+        self.local_caches = self.rope_caches
+        if w.rope_local_cos is not None and w.rope_local_sin is not None:
+            half = w.rope_local_cos.shape[1] // 2
+            self.local_caches = [
+                self.weight(
+                    "rope_local.cos_cache", np.ascontiguousarray(w.rope_local_cos[:, :half])
+                ),
+                self.weight(
+                    "rope_local.sin_cache", np.ascontiguousarray(w.rope_local_sin[:, :half])
+                ),
+            ]
         residual, pending = h, None
         for i, layer in enumerate(w.layers):
             with g.scope(f"layers.{i}"):
@@ -175,7 +186,7 @@ class _FusedDecoderGraph(DecoderGraph):
                 f"past_key_values.{i}.value",
                 self.seqlens_k,
                 self.total_length,
-                *(self.rope_caches if rotary else []),
+                *((self.local_caches if lw.rope_local else self.rope_caches) if rotary else []),
             ],
             domain=MS_DOMAIN,
             names=[g.fresh_name("gqa") + "/out", f"present.{i}.key", f"present.{i}.value"],

@@ -23,6 +23,7 @@ from llmtool.export.extractors import (
     check_rope_config,
     extract_gemma,
     extract_gemma2,
+    extract_gemma3_text,
     extract_gpt2,
     extract_granite,
     extract_llama,
@@ -88,6 +89,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "gemma": decoder(extract_gemma, "Llama with (1 + w) RMSNorm, sqrt(hidden) embeddings, GeGLU"),
     "gemma2": decoder(
         extract_gemma2, "Gemma with pre+post norms, soft-capping, alternating sliding window"
+    ),
+    "gemma3_text": decoder(
+        extract_gemma3_text, "Gemma 2 layout with per-head qk-norm and a local rope base"
     ),
     "olmo2": decoder(extract_olmo2, "Llama with post-norms only and RMSNorm on all of q and k"),
     "smollm3": decoder(extract_smollm3, "Llama with NoPE layers (no rotary positions)"),

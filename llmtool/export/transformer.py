@@ -174,21 +174,28 @@ class DecoderGraph:
             # One additive mask per distinct window (None = full causal), shared by its layers.
             windows = {lw.sliding_window for lw in w.layers}
             masks = {win: self.attention_bias(win) for win in sorted(windows, key=lambda x: x or 0)}
-        rope = None
+        rope = local = None
         if w.rope_cos is not None and w.rope_sin is not None:
             with g.scope("rope"):
-                cos = self.weight("rope.cos", w.rope_cos)
-                sin = self.weight("rope.sin", w.rope_sin)
-                # [B, 1, S, D]: broadcast over heads.
-                rope = tuple(
-                    g.op("Unsqueeze", [g.op("Gather", [t, "position_ids"], axis=0), g.const([1])])
-                    for t in (cos, sin)
-                )
+                rope = self.gathered_rope("rope", w.rope_cos, w.rope_sin)
+                if w.rope_local_cos is not None and w.rope_local_sin is not None:
+                    local = self.gathered_rope("rope_local", w.rope_local_cos, w.rope_local_sin)
         for i, layer in enumerate(w.layers):
             with g.scope(f"layers.{i}"):
-                h = self.layer(i, layer, h, masks[layer.sliding_window], rope)
+                layer_rope = local if layer.rope_local and local is not None else rope
+                h = self.layer(i, layer, h, masks[layer.sliding_window], layer_rope)
         with g.scope("head"):
             return self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
+
+    def gathered_rope(self, name: str, cos: np.ndarray, sin: np.ndarray) -> tuple[str, str]:
+        """cos and sin at each position, [B, 1, S, R]: broadcast over heads."""
+        g = self.g
+        tables = (self.weight(f"{name}.cos", cos), self.weight(f"{name}.sin", sin))
+        gathered = [
+            g.op("Unsqueeze", [g.op("Gather", [t, "position_ids"], axis=0), g.const([1])])
+            for t in tables
+        ]
+        return gathered[0], gathered[1]
 
     def lm_head(self, h: str, embed: str) -> str:
         """[B, S, E] normalized hidden states to float32 logits [B, S, V]."""

@@ -42,6 +42,7 @@ class LayerWeights:
     # qk-norm (Qwen3, OLMo 2 style): RMSNorm weights [D] over each head of q and k, before rope.
     q_norm_w: np.ndarray | None = None
     k_norm_w: np.ndarray | None = None
+    rope_local: bool = False  # True: the layer uses the local rope tables (Gemma 3's sliding)
     use_rope: bool = True  # False: a NoPE layer (SmolLM3's no_rope_layers)
     qk_norm_per_head: bool = True  # False: over the whole projection [H*D] (OLMo 2)
     # Norm placement: post-norms on each branch's output, before the residual add (Gemma 2/3,
@@ -78,6 +79,9 @@ class DecoderWeights:
     rope_sin: np.ndarray | None = None  # [P, R]
     # R: the rotated leading part of each head (partial rotary); the rest passes unrotated.
     rotary_dim: int | None = None
+    # A second rope base for some layers (Gemma 3's sliding layers): [P, R] each.
+    rope_local_cos: np.ndarray | None = None
+    rope_local_sin: np.ndarray | None = None
     # Multipliers (Granite): embeddings * embed_scale, residual += branch * residual_scale,
     # logits * logits_scale.
     # Gemma's RMSNorm multiplies by (offset + w); the graph adds it when it stores the gains.
