@@ -36,6 +36,13 @@ def tests(session: nox.Session) -> None:
 
 
 @nox.session
+def families(session: nox.Session) -> None:
+    """Every decoder family's tiny model against transformers (tests/test_families.py)."""
+    install_project(session, "[dev]")
+    session.run("pytest", "-q", "-m", "families", "tests/test_families.py", env=ENV)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff==0.17.5")

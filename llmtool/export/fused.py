@@ -37,6 +37,7 @@ from __future__ import annotations
 import numpy as np
 from onnx import TensorProto, helper
 
+from llmtool.errors import UsageError
 from llmtool.export.contract import MS_DOMAIN, BuiltGraph, GraphIO, WeightFormat
 from llmtool.export.graph import GraphBuilder
 from llmtool.export.transformer import DecoderGraph
@@ -50,8 +51,13 @@ class _FusedDecoderGraph(DecoderGraph):
         self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
     ) -> None:
         super().__init__(w, dtype, opset, fmt)
-        if w.head_dim % 16 and w.rope_cos is not None:
-            raise ValueError("GroupQueryAttention with rotary needs head_dim divisible by 16")
+        rotary = w.rotary_dim or w.head_dim
+        if rotary % 16 and w.rope_cos is not None:
+            raise UsageError(
+                f"--fused needs a rotary dimension divisible by 16 (GroupQueryAttention's rotary "
+                f"kernel); this model rotates {rotary} of {w.head_dim} head dims",
+                "export without --fused.",
+            )
 
     def build(self) -> tuple[GraphBuilder, GraphIO]:
         g, io = super().build()
@@ -89,7 +95,7 @@ class _FusedDecoderGraph(DecoderGraph):
     ) -> tuple[str, str]:
         """Normalize ``x + skip``; returns (normalized, x + skip)."""
         g = self.g
-        w = self.weight(f"{name}.weight", weight)
+        w = self.norm_gain(name, weight)
         eps = self.w.norm_eps
         rms = self.w.norm == "rms"
         if skip is None:
@@ -133,10 +139,23 @@ class _FusedDecoderGraph(DecoderGraph):
             )  # scalar, read on the host
         self.rope_caches: list[str] = ["", ""]
         if w.rope_cos is not None and w.rope_sin is not None:
-            half = w.head_dim // 2  # transformers' tables repeat the frequencies in both halves
+            half = (
+                w.rope_cos.shape[1] // 2
+            )  # transformers' tables repeat the frequencies in both halves
             self.rope_caches = [
                 self.weight("rope.cos_cache", np.ascontiguousarray(w.rope_cos[:, :half])),
                 self.weight("rope.sin_cache", np.ascontiguousarray(w.rope_sin[:, :half])),
+            ]
+        self.local_caches = self.rope_caches
+        if w.rope_local_cos is not None and w.rope_local_sin is not None:
+            half = w.rope_local_cos.shape[1] // 2
+            self.local_caches = [
+                self.weight(
+                    "rope_local.cos_cache", np.ascontiguousarray(w.rope_local_cos[:, :half])
+                ),
+                self.weight(
+                    "rope_local.sin_cache", np.ascontiguousarray(w.rope_local_sin[:, :half])
+                ),
             ]
         residual, pending = h, None
         for i, layer in enumerate(w.layers):
@@ -150,21 +169,24 @@ class _FusedDecoderGraph(DecoderGraph):
         self, i: int, lw: LayerWeights, residual: str, pending: str | None
     ) -> tuple[str, str]:
         g, w = self.g, self.w
-        x, residual = self.norm_op(residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
+        x, residual = self.placed_norm(
+            residual, pending, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b
+        )
         qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
-        rotary = w.rope_cos is not None
-        window = w.sliding_window or 0
+        qkv_inputs = [qkv, "", ""]  # packed q, k, v
+        if lw.q_norm_w is not None and lw.k_norm_w is not None:
+            qkv_inputs = self.qk_normed(i, lw, qkv)
+        rotary = w.rope_cos is not None and lw.use_rope
+        window = lw.sliding_window or 0
         attn = g.op(
             "GroupQueryAttention",
             [
-                qkv,
-                "",
-                "",
+                *qkv_inputs,
                 f"past_key_values.{i}.key",
                 f"past_key_values.{i}.value",
                 self.seqlens_k,
                 self.total_length,
-                *self.rope_caches,
+                *((self.local_caches if lw.rope_local else self.rope_caches) if rotary else []),
             ],
             domain=MS_DOMAIN,
             names=[g.fresh_name("gqa") + "/out", f"present.{i}.key", f"present.{i}.value"],
@@ -174,15 +196,56 @@ class _FusedDecoderGraph(DecoderGraph):
             do_rotary=int(rotary),
             rotary_interleaved=0,
             local_window_size=window if window else -1,
+            softcap=float(w.attn_softcap or 0.0),
         )[0]
         present_shape: list[int | str] = ["batch", w.num_kv_heads, "total_sequence", w.head_dim]
         g.add_output(f"present.{i}.key", f"present.{i}.key", self.onnx_float, present_shape)
         g.add_output(f"present.{i}.value", f"present.{i}.value", self.onnx_float, present_shape)
         o = self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
-        x, residual = self.norm_op(residual, o, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+        o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        x, residual = self.placed_norm(
+            residual, self.scaled(o), f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b
+        )
         up = self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b)
         mlp = self.linear(self.activation(up), f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
-        return residual, mlp
+        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
+        return residual, self.scaled(mlp)
+
+    def placed_norm(
+        self, x: str, skip: str | None, name: str, weight: np.ndarray | None, b: np.ndarray | None
+    ) -> tuple[str, str]:
+        """:meth:`norm_op`, or the bare residual sum where the family has no norm there."""
+        if weight is not None:
+            return self.norm_op(x, skip, name, weight, b)
+        total = x if skip is None else self.g.op("Add", [x, skip])
+        return total, total
+
+    def pre_norm(
+        self, x: str, name: str, weight: np.ndarray | None, bias: np.ndarray | None
+    ) -> str:
+        return x if weight is None else self.norm_op(x, None, name, weight, bias)[0]
+
+    def qk_normed(self, i: int, lw: LayerWeights, qkv: str) -> list[str]:
+        """Separate q, k, v [B, S, n*D] with q and k RMS-normalized (qk-norm).
+
+        Per head (Qwen3, Gemma 3) or over the whole projection (OLMo 2).
+        """
+        g, w = self.g, self.w
+        d = w.head_dim
+        q, k, v = g.split_last(qkv, [w.num_heads * d, w.num_kv_heads * d, w.num_kv_heads * d])
+        out = []
+        for name, x, weight in (("q_norm", q, lw.q_norm_w), ("k_norm", k, lw.k_norm_w)):
+            assert weight is not None
+            heads = g.op("Reshape", [x, g.const([0, 0, -1, d])]) if lw.qk_norm_per_head else x
+            normed = g.op(
+                "SimplifiedLayerNormalization",
+                [heads, self.norm_gain(f"layers.{i}.attn.{name}", weight)],
+                axis=-1,
+                epsilon=w.norm_eps,
+                stash_type=1,
+            )
+            out.append(g.op("Reshape", [normed, g.const([0, 0, -1])]))
+        return [*out, v]
 
     def activation(self, h: str) -> str:
         if self.w.activation == "gelu_tanh":

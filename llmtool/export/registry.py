@@ -19,7 +19,20 @@ from typing import Any
 
 from llmtool.errors import UsageError
 from llmtool.export.contract import BuiltGraph, GraphOptions, WeightFormat
-from llmtool.export.extractors import extract_gpt2, extract_llama
+from llmtool.export.extractors import (
+    check_rope_config,
+    extract_gemma,
+    extract_gemma2,
+    extract_gemma3_text,
+    extract_gpt2,
+    extract_granite,
+    extract_llama,
+    extract_olmo2,
+    extract_qwen3,
+    extract_smollm3,
+    extract_stablelm,
+    extract_starcoder2,
+)
 from llmtool.export.fused import build_fused
 from llmtool.export.recurrent import build_recurrent_graph
 from llmtool.export.transformer import build_decoder
@@ -42,6 +55,8 @@ class Architecture:
         build_fused: The fused (contrib-op) graph's builder; None when ``--fused`` is refused.
         no_fused: Why there is no fused graph (when ``build_fused`` is None).
         quantizable: Whether ``--quantize`` (int8 / int4 weight blocks) applies.
+        check: Refuses, from the config alone, variants the builders cannot express
+            (``check(config, fused=...)`` raises :class:`~llmtool.errors.UsageError`).
     """
 
     note: str
@@ -50,18 +65,45 @@ class Architecture:
     build_fused: Builder | None = None
     no_fused: str = ""
     quantizable: bool = True
+    check: Callable[..., None] | None = None
 
 
-def decoder(extract: Callable[[Any], DecoderWeights], note: str) -> Architecture:
+def decoder(
+    extract: Callable[[Any], DecoderWeights], note: str, *, rotary: bool = True
+) -> Architecture:
     """A transformer decoder: read into :class:`DecoderWeights`, standard and fused graphs."""
-    return Architecture(note, build_decoder, extract, build_fused)
+    return Architecture(
+        note, build_decoder, extract, build_fused, check=check_rope_config if rotary else None
+    )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     "llama": decoder(extract_llama, "Llama and SmolLM2: RMSNorm, rotary positions, SwiGLU"),
     "mistral": decoder(extract_llama, "Llama with a sliding attention window"),
     "qwen2": decoder(extract_llama, "Llama with q/k/v biases and an optional sliding window"),
-    "gpt2": decoder(extract_gpt2, "LayerNorm, learned positions, GELU MLP, biases everywhere"),
+    "qwen3": decoder(extract_qwen3, "Llama with RMSNorm on each q and k head (qk-norm)"),
+    "granite": decoder(
+        extract_granite, "Llama with embedding, residual, attention and logits multipliers"
+    ),
+    "phi3": decoder(extract_llama, "Llama with packed qkv and gate_up projections"),
+    "gemma": decoder(extract_gemma, "Llama with (1 + w) RMSNorm, sqrt(hidden) embeddings, GeGLU"),
+    "gemma2": decoder(
+        extract_gemma2, "Gemma with pre+post norms, soft-capping, alternating sliding window"
+    ),
+    "gemma3_text": decoder(
+        extract_gemma3_text, "Gemma 2 layout with per-head qk-norm and a local rope base"
+    ),
+    "olmo2": decoder(extract_olmo2, "Llama with post-norms only and RMSNorm on all of q and k"),
+    "smollm3": decoder(extract_smollm3, "Llama with NoPE layers (no rotary positions)"),
+    "stablelm": decoder(extract_stablelm, "Llama with LayerNorm (biases) and partial rotary"),
+    "starcoder2": decoder(
+        extract_starcoder2, "LayerNorm with biases, ungated GELU MLP, optional sliding window"
+    ),
+    "gpt2": decoder(
+        extract_gpt2,
+        "LayerNorm, learned positions, GELU MLP, biases everywhere",
+        rotary=False,
+    ),
     LSTM_TYPE: Architecture(
         "llmtool train's LSTM: the (h, c) state is the cache",
         build_recurrent_graph,
@@ -116,6 +158,8 @@ def check_supported(config: Any, *, fused: bool = False, quantize: str | None = 
             f"--fused is not available for '{model_type}' ({entry.no_fused})",
             f"it supports {', '.join(fused_model_types())}; export without --fused.",
         )
+    if entry.check is not None:
+        entry.check(config, fused=fused)
     if quantize and not entry.quantizable:
         raise UsageError(
             f"--quantize is not available for '{model_type}'",

@@ -74,11 +74,14 @@ class DecoderGraph:
         bias = self.optional_weight(f"{name}.bias", b)
         return self.g.op("Add", [y, bias]) if bias else y
 
-    def norm(self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None) -> str:
+    def norm(
+        self, x: str, name: str, weight: np.ndarray, bias: np.ndarray | None, rms: bool = False
+    ) -> str:
+        """The model's norm over the last axis (``rms`` forces RMSNorm, as qk-norms are)."""
         g = self.g
-        w = self.weight(f"{name}.weight", weight)
+        w = self.norm_gain(name, weight)
         eps = self.w.norm_eps
-        if self.w.norm == "layer":
+        if self.w.norm == "layer" and not rms:
             b = self.optional_weight(f"{name}.bias", bias)
             return g.op(
                 "LayerNormalization",
@@ -94,13 +97,23 @@ class DecoderGraph:
         y = self.to_model_float(g.op("Div", [xf, denom]))
         return g.op("Mul", [y, w])
 
+    def norm_gain(self, name: str, weight: np.ndarray) -> str:
+        """A norm's gain as stored: ``offset + w`` for (1 + w) RMSNorms (Gemma), in float32 maths."""
+        offset = self.w.norm_weight_offset
+        return self.weight(f"{name}.weight", weight + np.float32(offset) if offset else weight)
+
     def activation(self, h: str) -> str:
         g, kind = self.g, self.w.activation
-        f = self.np_float
-        if kind == "silu_glu":
+        if kind.endswith("_glu"):  # act(gate) * up
             inter = self.w.layers[0].down_w.shape[0]
             gate, up = g.split_last(h, [inter, inter])
-            return g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])
+            return g.op("Mul", [self.plain_activation(gate, kind.removesuffix("_glu")), up])
+        return self.plain_activation(h, kind)
+
+    def plain_activation(self, h: str, kind: str) -> str:
+        g, f = self.g, self.np_float
+        if kind == "silu":
+            return g.op("Mul", [h, g.op("Sigmoid", [h])])
         if kind == "relu":
             return g.op("Relu", [h])
         if kind == "gelu":  # 0.5 x (1 + erf(x / sqrt 2))
@@ -127,6 +140,8 @@ class DecoderGraph:
         with g.scope("embed"):
             embed = self.weight("embed_tokens.weight", w.embed)
             h = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, E]
+            if w.embed_scale != 1.0:
+                h = g.op("Mul", [h, g.const(w.embed_scale, self.np_float)])
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
                 h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
@@ -156,22 +171,31 @@ class DecoderGraph:
     def decoder_layers(self, h: str) -> str:
         g, w = self.g, self.w
         with g.scope("mask"):
-            bias = self.attention_bias()
-        rope = None
+            # One additive mask per distinct window (None = full causal), shared by its layers.
+            windows = {lw.sliding_window for lw in w.layers}
+            masks = {win: self.attention_bias(win) for win in sorted(windows, key=lambda x: x or 0)}
+        rope = local = None
         if w.rope_cos is not None and w.rope_sin is not None:
             with g.scope("rope"):
-                cos = self.weight("rope.cos", w.rope_cos)
-                sin = self.weight("rope.sin", w.rope_sin)
-                # [B, 1, S, D]: broadcast over heads.
-                rope = tuple(
-                    g.op("Unsqueeze", [g.op("Gather", [t, "position_ids"], axis=0), g.const([1])])
-                    for t in (cos, sin)
-                )
+                rope = self.gathered_rope("rope", w.rope_cos, w.rope_sin)
+                if w.rope_local_cos is not None and w.rope_local_sin is not None:
+                    local = self.gathered_rope("rope_local", w.rope_local_cos, w.rope_local_sin)
         for i, layer in enumerate(w.layers):
             with g.scope(f"layers.{i}"):
-                h = self.layer(i, layer, h, bias, rope)
+                layer_rope = local if layer.rope_local and local is not None else rope
+                h = self.layer(i, layer, h, masks[layer.sliding_window], layer_rope)
         with g.scope("head"):
             return self.norm(h, "final_norm", w.final_norm_w, w.final_norm_b)
+
+    def gathered_rope(self, name: str, cos: np.ndarray, sin: np.ndarray) -> tuple[str, str]:
+        """cos and sin at each position, [B, 1, S, R]: broadcast over heads."""
+        g = self.g
+        tables = (self.weight(f"{name}.cos", cos), self.weight(f"{name}.sin", sin))
+        gathered = [
+            g.op("Unsqueeze", [g.op("Gather", [t, "position_ids"], axis=0), g.const([1])])
+            for t in tables
+        ]
+        return gathered[0], gathered[1]
 
     def lm_head(self, h: str, embed: str) -> str:
         """[B, S, E] normalized hidden states to float32 logits [B, S, V]."""
@@ -179,21 +203,20 @@ class DecoderGraph:
         if self.fmt.head_matmul:
             table_t = np.ascontiguousarray((w.lm_head if w.lm_head is not None else w.embed).T)
             logits = self.linear(h, "lm_head", table_t, w.lm_head_b, head=True)  # [B, S, V]
-            if self.dtype == "fp32":
-                return g.op("Identity", [logits], names=["logits"])
-            return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
-        head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
-        table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
-        # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
-        flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
-        logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
-        out_shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
-        if self.dtype == "fp32":
-            return g.op("Reshape", [logits, out_shape], names=["logits"])
-        logits = g.op("Reshape", [logits, out_shape])
-        return g.op("Cast", [logits], to=TensorProto.FLOAT, names=["logits"])
+        else:
+            head_b = self.optional_weight("lm_head.bias", w.lm_head_b)
+            table = self.weight("lm_head.weight", w.lm_head) if w.lm_head is not None else embed
+            # Gemm with transB reads the [V, E] table in place, so a tied head costs no copy.
+            flat = g.op("Reshape", [h, g.const([-1, w.hidden_size])])
+            logits = g.op("Gemm", [flat, table, *([head_b] if head_b else [])], transB=1)
+            shape = g.op("Concat", [g.op("Shape", ["input_ids"]), g.const([w.vocab_size])], axis=0)
+            logits = g.op("Reshape", [logits, shape])
+        logits = self.to_float32(logits)
+        if w.logits_scale != 1.0:  # Granite divides by logits_scaling
+            logits = g.op("Mul", [logits, g.const(w.logits_scale, np.float32)])
+        return g.op("Identity", [self.softcap(logits, w.logits_softcap)], names=["logits"])
 
-    def attention_bias(self) -> str:
+    def attention_bias(self, window: int | None = None) -> str:
         """Additive float32 mask [B, 1, S, T]: 0 where a query may attend, a huge negative elsewhere."""
         g = self.g
         seq = g.op("Gather", [g.op("Shape", ["input_ids"]), g.const(1)], axis=0)  # scalar S
@@ -203,8 +226,8 @@ class DecoderGraph:
         q_pos = g.op("Unsqueeze", [g.op("Range", [past, total, one]), g.const([1])])  # [S, 1]
         k_pos = g.op("Unsqueeze", [g.op("Range", [g.const(0), total, one]), g.const([0])])  # [1, T]
         allowed = g.op("LessOrEqual", [k_pos, q_pos])  # causal [S, T]
-        if self.w.sliding_window:
-            lowest = g.op("Sub", [q_pos, g.const(self.w.sliding_window)])
+        if window:
+            lowest = g.op("Sub", [q_pos, g.const(window)])
             allowed = g.op("And", [allowed, g.op("Greater", [k_pos, lowest])])
         allowed = g.op("Unsqueeze", [allowed, g.const([0, 1])])  # [1, 1, S, T]
         pad = g.op("Cast", ["attention_mask"], to=TensorProto.BOOL)
@@ -217,9 +240,13 @@ class DecoderGraph:
     ) -> str:
         g, w = self.g, self.w
         heads, kv_heads, d = w.num_heads, w.num_kv_heads, w.head_dim
-        x = self.norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
+        x = self.pre_norm(h, f"layers.{i}.norm1", lw.norm1_w, lw.norm1_b)
         qkv = self.linear(x, f"layers.{i}.attn.qkv", lw.qkv_w, lw.qkv_b)
         q, k, v = g.split_last(qkv, [heads * d, kv_heads * d, kv_heads * d])
+        full_qk_norm = lw.q_norm_w is not None and lw.k_norm_w is not None
+        if full_qk_norm and not lw.qk_norm_per_head:  # over [H*D] (OLMo 2)
+            q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)  # type: ignore[arg-type]
+            k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)  # type: ignore[arg-type]
         # [B, S, n*D] -> [B, n, S, D]
         q = g.op("Transpose", [g.op("Reshape", [q, g.const([0, 0, heads, d])])], perm=[0, 2, 1, 3])
         k = g.op(
@@ -228,7 +255,10 @@ class DecoderGraph:
         v = g.op(
             "Transpose", [g.op("Reshape", [v, g.const([0, 0, kv_heads, d])])], perm=[0, 2, 1, 3]
         )
-        if rope is not None:
+        if full_qk_norm and lw.qk_norm_per_head:  # over each head [D] (Qwen3, Gemma 3)
+            q = self.norm(q, f"layers.{i}.attn.q_norm", lw.q_norm_w, None, rms=True)  # type: ignore[arg-type]
+            k = self.norm(k, f"layers.{i}.attn.k_norm", lw.k_norm_w, None, rms=True)  # type: ignore[arg-type]
+        if rope is not None and lw.use_rope:
             q, k = self.rotate(q, rope), self.rotate(k, rope)
         # [B, KVH, T, D], written straight into the graph outputs.
         k = g.op("Concat", [f"past_key_values.{i}.key", k], axis=2, names=[f"present.{i}.key"])
@@ -240,18 +270,50 @@ class DecoderGraph:
             v, f"present.{i}.value", self.onnx_float, ["batch", kv_heads, "total_sequence", d]
         )
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
-        h = g.op("Add", [h, self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)])
-        x = self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+        o = self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
+        o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        h = g.op("Add", [h, self.scaled(o)])
+        x = self.pre_norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
         a = self.activation(self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b))
-        return g.op("Add", [h, self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)])
+        mlp = self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
+        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
+        return g.op("Add", [h, self.scaled(mlp)])
+
+    def pre_norm(
+        self, x: str, name: str, weight: np.ndarray | None, bias: np.ndarray | None
+    ) -> str:
+        """The norm at one placement, or ``x`` itself where the family has none there."""
+        return x if weight is None else self.norm(x, name, weight, bias)
+
+    def softcap(self, x: str, cap: float | None) -> str:
+        """cap * tanh(x / cap) in float32 (Gemma 2's attention and logit soft-capping)."""
+        if not cap:
+            return x
+        g = self.g
+        c = g.const(cap, np.float32)
+        return g.op("Mul", [g.op("Tanh", [g.op("Div", [x, c])]), c])
+
+    def scaled(self, branch: str) -> str:
+        """A residual branch times the residual multiplier (Granite), before it is added."""
+        if self.w.residual_scale == 1.0:
+            return branch
+        return self.g.op("Mul", [branch, self.g.const(self.w.residual_scale, self.np_float)])
 
     def rotate(self, x: str, rope: tuple[str, str]) -> str:
-        """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1]."""
+        """x * cos + rotate_half(x) * sin, with rotate_half([x1, x2]) = [-x2, x1].
+
+        With partial rotary only the leading ``rotary_dim`` of each head turn; the rest passes.
+        """
         g = self.g
-        half = self.w.head_dim // 2
-        x1, x2 = g.split_last(x, [half, half])
+        d = self.w.head_dim
+        r = self.w.rotary_dim or d
+        passed = None
+        if r < d:
+            x, passed = g.split_last(x, [r, d - r])
+        x1, x2 = g.split_last(x, [r // 2, r // 2])
         rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-        return g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
+        y = g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
+        return y if passed is None else g.op("Concat", [y, passed], axis=-1)
 
     def attend(self, q: str, k: str, v: str, bias: str, scale: float) -> str:
         """Scaled dot-product attention; returns [B, S, H*D].
@@ -269,7 +331,7 @@ class DecoderGraph:
             k_t = g.op("Unsqueeze", [k_t, g.const([2])])
             v = g.op("Unsqueeze", [v, g.const([2])])
             bias = g.op("Unsqueeze", [bias, g.const([1])])
-        scores = self.to_float32(g.op("MatMul", [q, k_t]))
+        scores = self.softcap(self.to_float32(g.op("MatMul", [q, k_t])), w.attn_softcap)
         probs = self.to_model_float(g.op("Softmax", [g.op("Add", [scores, bias])], axis=-1))
         ctx = g.op("MatMul", [probs, v])
         if rep > 1:

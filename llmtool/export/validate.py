@@ -1,9 +1,15 @@
 """Export validation: the ONNX graph against the PyTorch model it came from.
 
-A fixed batch of two prompts of different lengths (so one row is padded) is run through both. Compared: logits at every real prompt position (prefill), logits over teacher-forced
-decode steps that feed PyTorch's greedy tokens through ORT's KV cache, and the greedy tokens
-themselves. A greedy mismatch where PyTorch's own top-2 logits are closer than the tolerance is a
-near-tie, recorded but not a failure.
+A fixed batch of two prompts of different lengths (so one row is padded) is run through both.
+Compared: logits at every real prompt position (prefill), logits over teacher-forced decode steps
+that feed PyTorch's greedy tokens through ORT's KV cache, and the greedy tokens themselves. A
+greedy mismatch where PyTorch's own top-2 logits are closer than the tolerance is a near-tie,
+recorded but not a failure.
+
+The prompts are short, so anything that depends on the position (sliding windows, rope scaling
+past ``original_max_position_embeddings``) is checked once more on one long sequence: longer
+than every window and rope threshold the config declares (bounded by the context), prefilled up
+to just before the largest threshold and then fed token by token through the cache.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ class ValidationReport:
     greedy_tokens_compared: int
     near_ties: list[dict[str, Any]] = field(default_factory=list)
     mismatches: list[dict[str, Any]] = field(default_factory=list)
+    long_tokens: int = 0  # length of the long sequence (0: the config declares no threshold)
+    long_max_abs_diff: float = 0.0
     seconds: float = 0.0
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +70,11 @@ class ValidationReport:
             )
         if self.decode_max_abs_diff > self.tolerance:
             return f"decode max |Δlogits| {self.decode_max_abs_diff:.3g} exceeds {self.tolerance:g}"
+        if self.long_max_abs_diff > self.tolerance:
+            return (
+                f"max |Δlogits| {self.long_max_abs_diff:.3g} over a {self.long_tokens}-token "
+                f"sequence exceeds {self.tolerance:g}"
+            )
         m = self.mismatches[0]
         return (
             f"greedy token differs at row {m['row']} step {m['step']} ({m['onnx']} vs {m['torch']})"
@@ -75,6 +88,65 @@ def _torch_logits(model: Any, ids: list[int]) -> np.ndarray:
     with torch.no_grad():
         out = model(input_ids=torch.tensor([ids], dtype=torch.long), use_cache=False)
     return out.logits[0].float().numpy()
+
+
+# Positions checked past the largest threshold (and fed one by one through the cache).
+LONG_TAIL = 16
+
+
+def position_thresholds(config: Any) -> list[int]:
+    """The positions past which the model behaves differently, as its config declares them."""
+    found: list[int] = []
+    for name in ("sliding_window", "attention_chunk_size"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            found.append(value)
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    for params in _rope_dicts(rope):
+        original = params.get("original_max_position_embeddings")
+        if isinstance(original, int) and original > 0:
+            found.append(original)
+    return sorted(set(found))
+
+
+def _rope_dicts(rope: Any) -> list[dict[str, Any]]:
+    """The rope parameter sets of a config (one, or one per layer type as in Gemma 3)."""
+    if not isinstance(rope, dict):
+        return []
+    nested = [v for v in rope.values() if isinstance(v, dict)]
+    return nested or [rope]
+
+
+def _long_sequence_diff(
+    onnx_model: OnnxCausalLM, torch_model: Any, tokenizer: Any, context: int
+) -> tuple[int, float]:
+    """(length, max |Δlogits|) over one sequence past every threshold; (0, 0) when none."""
+    thresholds = position_thresholds(torch_model.config)
+    if not thresholds:
+        return 0, 0.0
+    length = min(context, thresholds[-1] + LONG_TAIL)
+    ids: list[int] = []
+    text = " ".join(VALIDATION_PROMPTS)
+    while len(ids) < length:
+        ids.extend(tokenizer(text)["input_ids"])
+    ids = ids[:length]
+    reference = _torch_logits(torch_model, ids)  # [L, V]
+    split = max(1, min(thresholds[-1], length) - LONG_TAIL // 2)
+    row = np.array([ids], dtype=np.int64)
+    cache = onnx_model.empty_cache(1)
+    logits, cache = onnx_model.forward(
+        row[:, :split],
+        np.ones((1, split), np.int64),
+        np.arange(split, dtype=np.int64)[None],
+        cache,
+    )
+    got = [logits[0]]
+    for t in range(split, length):
+        logits, cache = onnx_model.forward(
+            row[:, t : t + 1], np.ones((1, t + 1), np.int64), np.array([[t]], np.int64), cache
+        )
+        got.append(logits[0])
+    return length, float(np.abs(np.concatenate(got) - reference).max())
 
 
 def validate_export(
@@ -126,6 +198,9 @@ def validate_export(
         for b in range(n):
             decode_diff = max(decode_diff, float(np.abs(got_steps[t][b] - ref_steps[b][t]).max()))
 
+    context = int(getattr(onnx_model, "max_positions", 0) or 0) or 1 << 30
+    long_tokens, long_diff = _long_sequence_diff(onnx_model, torch_model, tokenizer, context)
+
     near_ties: list[dict[str, Any]] = []
     mismatches: list[dict[str, Any]] = []
     for step, got in enumerate(got_steps):
@@ -143,7 +218,10 @@ def validate_export(
             }
             (near_ties if record["torch_top2_gap"] < tolerance else mismatches).append(record)
     return ValidationReport(
-        passed=prefill_diff <= tolerance and decode_diff <= tolerance and not mismatches,
+        passed=prefill_diff <= tolerance
+        and decode_diff <= tolerance
+        and long_diff <= tolerance
+        and not mismatches,
         provider=onnx_model.provider,
         dtype=dtype,
         tolerance=tolerance,
@@ -157,5 +235,7 @@ def validate_export(
         greedy_tokens_compared=n * (decode_steps + 1),
         near_ties=near_ties,
         mismatches=mismatches,
+        long_tokens=long_tokens,
+        long_max_abs_diff=long_diff,
         seconds=time.perf_counter() - start,
     )

@@ -23,19 +23,32 @@ def to_numpy(t: Any) -> np.ndarray:
 class LayerWeights:
     """One decoder layer; matrices are [in_features, out_features] (ONNX MatMul layout)."""
 
-    norm1_w: np.ndarray  # [E]
+    norm1_w: np.ndarray | None  # [E]; None: no norm before attention (OLMo 2)
     norm1_b: np.ndarray | None  # [E] (LayerNorm only)
     qkv_w: np.ndarray  # [E, (H + 2*KVH) * D]: q, k, v side by side
     qkv_b: np.ndarray | None  # [(H + 2*KVH) * D]
     o_w: np.ndarray  # [H*D, E]
     o_b: np.ndarray | None
-    norm2_w: np.ndarray
+    norm2_w: np.ndarray | None  # before the MLP; None: none (OLMo 2)
     norm2_b: np.ndarray | None
     up_w: np.ndarray  # [E, I] or, for gated MLPs, [E, 2*I]: gate then up
     up_b: np.ndarray | None
     down_w: np.ndarray  # [I, E]
     down_b: np.ndarray | None
     attn_scale: float  # multiplies q·k
+    # Keys a query may see: the last ``sliding_window`` positions (itself included); None = all.
+    # Per layer, as transformers reads ``config.layer_types`` (Qwen2's max_window_layers).
+    sliding_window: int | None = None
+    # qk-norm (Qwen3, OLMo 2 style): RMSNorm weights [D] over each head of q and k, before rope.
+    q_norm_w: np.ndarray | None = None
+    k_norm_w: np.ndarray | None = None
+    rope_local: bool = False  # True: the layer uses the local rope tables (Gemma 3's sliding)
+    use_rope: bool = True  # False: a NoPE layer (SmolLM3's no_rope_layers)
+    qk_norm_per_head: bool = True  # False: over the whole projection [H*D] (OLMo 2)
+    # Norm placement: post-norms on each branch's output, before the residual add (Gemma 2/3,
+    # OLMo 2); None where the family has none.
+    post_attn_norm_w: np.ndarray | None = None
+    post_mlp_norm_w: np.ndarray | None = None
 
 
 @dataclass
@@ -52,7 +65,9 @@ class DecoderWeights:
     max_positions: int
     norm: str  # "rms" or "layer"
     norm_eps: float
-    activation: str  # "silu_glu", "gelu_tanh", "gelu", "relu"
+    # "silu_glu", "gelu_tanh_glu", "gelu_glu" (gated: up_w holds gate then up), or
+    # "gelu_tanh", "gelu", "relu".
+    activation: str
     embed: np.ndarray  # [V, E]
     final_norm_w: np.ndarray
     final_norm_b: np.ndarray | None
@@ -60,9 +75,28 @@ class DecoderWeights:
     lm_head_b: np.ndarray | None = None
     layers: list[LayerWeights] = field(default_factory=list)
     positions: np.ndarray | None = None  # [P, E] learned absolute positions (GPT-2)
-    rope_cos: np.ndarray | None = None  # [P, D] (scaling folded in)
-    rope_sin: np.ndarray | None = None  # [P, D]
-    sliding_window: int | None = None
+    rope_cos: np.ndarray | None = None  # [P, R] (scaling folded in)
+    rope_sin: np.ndarray | None = None  # [P, R]
+    # R: the rotated leading part of each head (partial rotary); the rest passes unrotated.
+    rotary_dim: int | None = None
+    # A second rope base for some layers (Gemma 3's sliding layers): [P, R] each.
+    rope_local_cos: np.ndarray | None = None
+    rope_local_sin: np.ndarray | None = None
+    # Multipliers (Granite): embeddings * embed_scale, residual += branch * residual_scale,
+    # logits * logits_scale.
+    # Gemma's RMSNorm multiplies by (offset + w); the graph adds it when it stores the gains.
+    norm_weight_offset: float = 0.0
+    embed_scale: float = 1.0
+    residual_scale: float = 1.0
+    logits_scale: float = 1.0
+    # Soft-capping (Gemma 2): cap * tanh(x / cap) on attention scores / final logits.
+    attn_softcap: float | None = None
+    logits_softcap: float | None = None
+
+    @property
+    def windows(self) -> list[int]:
+        """The distinct sliding windows of the layers, sorted."""
+        return sorted({lw.sliding_window for lw in self.layers if lw.sliding_window})
 
     @property
     def num_layers(self) -> int:
@@ -80,4 +114,30 @@ class DecoderWeights:
             "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size,
             "max_positions": self.max_positions,
+            "features": self.features(),
         }
+
+    def features(self) -> list[str]:
+        """The named departures from a plain Llama decoder this model uses (for the manifest)."""
+        found = []
+        if any(lw.q_norm_w is not None for lw in self.layers):
+            found.append("qk_norm")
+        if self.rotary_dim and self.rotary_dim < self.head_dim:
+            found.append("partial_rotary")
+        if self.windows:
+            found.append("sliding_window")
+        if any(lw.post_attn_norm_w is not None for lw in self.layers):
+            found.append("post_norms")
+        if any(lw.norm1_w is None for lw in self.layers):
+            found.append("no_pre_norms")
+        if self.attn_softcap or self.logits_softcap:
+            found.append("softcap")
+        if self.rope_cos is not None and not all(lw.use_rope for lw in self.layers):
+            found.append("nope_layers")
+        if self.norm_weight_offset:
+            found.append("offset_rms_norm")
+        if self.embed_scale != 1.0:
+            found.append("scaled_embeddings")
+        if (self.embed_scale, self.residual_scale, self.logits_scale) != (1.0, 1.0, 1.0):
+            found.append("multipliers")
+        return found

@@ -1,0 +1,56 @@
+"""MkDocs hook: the supported-architectures page, generated at build time from the registry.
+
+The page ``reference/architectures.md`` is not a file in ``docs/``: :func:`on_files` renders it
+from ``llmtool.export.registry.ARCHITECTURES`` (one row per ``config.model_type``: the standard
+graph, the fused graph or why not, whether int8 / int4 weights apply, the entry's note), so the
+table cannot drift from what ``llmtool export`` accepts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+PAGE = "reference/architectures.md"
+
+
+def _cell(text: str) -> str:
+    text = " ".join(str(text).split())
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;").replace("|", "\\|")
+
+
+def render() -> str:
+    """The page's Markdown."""
+    from llmtool.export.registry import ARCHITECTURES
+
+    lines = [
+        "# Supported architectures",
+        "",
+        "Generated when the site is built, from the export registry "
+        "(`llmtool.export.registry.ARCHITECTURES`): these are the `config.model_type` values "
+        "`llmtool export` accepts. Any other type is refused with exit code 2.",
+        "",
+        "| family (`model_type`) | standard | `--fused` | `--quantize` int8 / int4 | notes |",
+        "|---|---|---|---|---|",
+    ]
+    for name in sorted(ARCHITECTURES):
+        entry = ARCHITECTURES[name]
+        fused = "yes" if entry.build_fused is not None else f"no: {entry.no_fused}"
+        quantize = "yes" if entry.quantizable else "no"
+        lines.append(f"| `{name}` | yes | {_cell(fused)} | {quantize} | {_cell(entry.note)} |")
+    lines += [
+        "",
+        "Variants a static graph cannot express are refused from the config alone (exit 2, with "
+        "the reason): dynamic NTK rope, `longrope` whose frequencies switch inside the context "
+        "(`max_position_embeddings` > `original_max_position_embeddings`), and `--fused` where "
+        "the rotary dimension is not a multiple of 16.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def on_files(files: Any, config: Any, **kwargs: Any) -> Any:
+    """Add the generated page to the site's files (mkdocs >= 1.6: ``File.generated``)."""
+    from mkdocs.structure.files import File
+
+    files.append(File.generated(config, PAGE, content=render()))
+    return files
