@@ -278,7 +278,7 @@ def paired_difference(
 
 
 def _spread(metric: dict[str, Any]) -> float:
-    value = metric.get("spread")
+    value: Any = metric.get("spread")
     return float(value) if _finite(value) else 0.0
 
 
