@@ -209,3 +209,40 @@ def test_cli_preprocess_is_recorded_and_gated(tiny_llama_export, tmp_path):
     assert result.exit_code == 2 and "preprocess wikitext → null" in result.stderr
     result = runner.invoke(app, [*args, "--preprocess", "moses"])
     assert result.exit_code == 2 and "Unknown --preprocess" in result.stderr
+
+
+# The comparison plot.
+
+
+def test_plot_shows_the_comparison(tiny_llama_export, tmp_path):
+    from llmtool.evaluate.plot import panels, plot_png
+
+    hf_dir, onnx_dir = tiny_llama_export
+    options = EvalOptions(
+        data=SAMPLE_TEXT,
+        max_length=64,
+        provider="cpu",
+        reference=str(hf_dir),
+        throughput=True,
+        batch_sizes=(1,),
+        prompt_lengths=(8,),
+        new_tokens=3,
+        warmup=0,
+        repeats=2,
+    )
+    first = run_eval(onnx_dir, options).record
+    path = tmp_path / "base.json"
+    path.write_text(json.dumps(first))
+    report = run_eval(onnx_dir, options, baseline=path)
+    record = report.record
+    assert panels(record, report.baseline) == ["delta", "kl", "throughput"]
+    assert panels(first) == ["delta", "kl", "throughput"]  # the reference alone gives ΔNLL too
+    hist = record["reference"]["kl_histogram"]
+    assert sum(hist["counts"]) == record["reference"]["tokens"] and len(hist["edges"]) == 41
+    # The reference's per-window sums add up to its perplexity.
+    ref_nll = sum(record["reference"]["window_nll"]) / record["tokens"]
+    assert math.exp(ref_nll) == pytest.approx(record["reference"]["perplexity"], rel=1e-6)
+    png = plot_png(record, report.baseline)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width = int.from_bytes(png[16:20], "big")
+    assert width >= 3 * 500  # three panels side by side
