@@ -46,7 +46,9 @@ def test_cli_throughput_defaults_adapt_to_the_context(tiny_llama_export, tmp_pat
     record = json.loads(out.read_text())
     shapes = {(s["prompt_length"], s["new_tokens"]) for s in record["throughput"]["scenarios"]}
     assert shapes == {(128, 64)}
-    assert "fitted to the model's context of 256 tokens" in result.stdout
+    note = record["config"]["throughput"]["shapes_note"]
+    assert "fitted to the model's context of 256 tokens" in note
+    assert note in " ".join(result.stdout.split())  # the caption says so (however it wraps)
 
 
 def test_lm_eval_window_defaults_to_the_models_context():
