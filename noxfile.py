@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, demo, bench, docs.
+"""Sessions: tests, lint, typecheck, demo, bench, docs, crosscheck.
 
 torch is installed first from TORCH_SPEC (default: the CPU build ``torch==2.13.0``; set
 ``LLMTOOL_TORCH_SPEC`` to use another), so that the project's ``torch>=2.4`` pulls nothing more.
@@ -115,6 +115,20 @@ def bench(session: nox.Session) -> None:
         "benchmarks/results/cpu_generate.json",
         *session.posargs,
         env=ENV,
+    )
+
+
+@nox.session
+def crosscheck(session: nox.Session) -> None:
+    """llmtool's eval protocols against lm-evaluation-harness and llama.cpp, run for real.
+
+    Installs lm-eval 0.4.13 and llama-cpp-python, then runs the ``crosscheck`` tests (a tiny model
+    through lm-eval; SmolLM2 through llama-cpp-python), which assert llmtool's figures within 1e-4
+    (1e-2 for llama.cpp's quantized arithmetic). Not part of the default sessions.
+    """
+    install_project(session, "[dev,crosscheck]")
+    session.run(
+        "pytest", "-q", "-m", "crosscheck", "tests/test_crosscheck.py", *session.posargs, env=ENV
     )
 
 

@@ -292,6 +292,35 @@ def generate_cmd(
         console.print(generation_table(result))
 
 
+def eval_progress(console: Any, get_time: Any = None) -> Any:
+    """The progress bar of ``eval``: done / total, elapsed and an ETA.
+
+    Rich estimates speed over the last 30 s by default, so steps longer than that (a throughput
+    scenario, a window of a large model) left the ETA at -:--:--; the estimate here spans the run.
+    """
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    return Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=True,
+        speed_estimate_period=24 * 3600,
+        get_time=get_time,
+    )
+
+
 @app.command("eval")
 @handle_errors
 def eval_cmd(
@@ -311,10 +340,22 @@ def eval_cmd(
         defaults.EVAL_TEXT_FIELD, help="The field holding the text in JSONL data."
     ),
     max_length: int | None = typer.Option(
-        None, help="Tokens per forward pass (default: min(context, 1024))."
+        None,
+        help="Tokens per forward pass (default: the model's context for lm-eval, as "
+        "lm-evaluation-harness; else min(context, 1024)).",
     ),
     stride: int | None = typer.Option(
         None, help="Step between windows, --protocol hf only (default: max-length / 2)."
+    ),
+    preprocess: str | None = typer.Option(
+        None,
+        help="wikitext: score each document detokenized as lm-evaluation-harness' wikitext "
+        "task does (words and bytes counted on the original text).",
+    ),
+    max_tokens: int | None = typer.Option(
+        None,
+        help="Score only the first windows, up to about this many tokens (bounds a CI run; "
+        "word and byte perplexity are then not reported).",
     ),
     reference: str | None = typer.Option(
         None,
@@ -327,12 +368,15 @@ def eval_cmd(
     batch_sizes: str = typer.Option(
         ",".join(map(str, defaults.THROUGHPUT_BATCH_SIZES)), help="Batch sizes, comma-separated."
     ),
-    prompt_lengths: str = typer.Option(
-        ",".join(map(str, defaults.THROUGHPUT_PROMPT_LENGTHS)),
-        help="Prompt lengths in tokens, comma-separated.",
+    prompt_lengths: str | None = typer.Option(
+        None,
+        help="Prompt lengths in tokens, comma-separated [default: "
+        f"{','.join(map(str, defaults.THROUGHPUT_PROMPT_LENGTHS))}, fitted to the model's context].",
     ),
-    new_tokens: int = typer.Option(
-        defaults.THROUGHPUT_NEW_TOKENS, help="Tokens generated per row."
+    new_tokens: int | None = typer.Option(
+        None,
+        help=f"Tokens generated per row [default: {defaults.THROUGHPUT_NEW_TOKENS}, at most a "
+        "quarter of the context].",
     ),
     warmup: int = typer.Option(defaults.THROUGHPUT_WARMUP, help="Untimed runs per scenario."),
     repeats: int = typer.Option(
@@ -371,8 +415,9 @@ def eval_cmd(
     tolerance: list[str] = typer.Option(
         [],
         "--tolerance",
-        help=f"What --baseline lets pass: perplexity=PCT (and beyond sigmas=N standard errors), "
-        f"throughput=PCT [default: perplexity={100 * defaults.GATE_PERPLEXITY_TOLERANCE:g}%,"
+        help=f"What --baseline lets pass: perplexity=PCT (and beyond sigmas=N standard errors of "
+        f"the paired window-by-window difference), throughput=PCT (and beyond the spread of "
+        f"the repeats) [default: perplexity={100 * defaults.GATE_PERPLEXITY_TOLERANCE:g}%,"
         f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%].",
     ),
     allow_pickle: bool = typer.Option(
@@ -385,8 +430,6 @@ def eval_cmd(
     regressed against --baseline; 2 bad input, or a baseline measured with another config
     (data hash, protocol, window, dtype, throughput shapes).
     """
-    from rich.progress import Progress
-
     from llmtool.console import console, err_console
     from llmtool.errors import RegressionError
     from llmtool.evaluate.gate import parse_tolerance
@@ -401,10 +444,14 @@ def eval_cmd(
         text_field=text_field,
         max_length=max_length,
         stride=stride,
+        preprocess=preprocess,
+        max_tokens=max_tokens,
         reference=reference,
         throughput=throughput,
         batch_sizes=parse_sizes(batch_sizes, "--batch-sizes"),
-        prompt_lengths=parse_sizes(prompt_lengths, "--prompt-lengths"),
+        prompt_lengths=None
+        if prompt_lengths is None
+        else parse_sizes(prompt_lengths, "--prompt-lengths"),
         new_tokens=new_tokens,
         warmup=warmup,
         repeats=repeats,
@@ -416,7 +463,7 @@ def eval_cmd(
         huge_pages=huge_pages,
         allow_pickle=allow_pickle,
     )
-    with Progress(console=err_console, transient=True) as progress:
+    with eval_progress(err_console) as progress:
         task = progress.add_task("Starting", total=None)
         report = run_eval(
             model_dir,
@@ -430,7 +477,11 @@ def eval_cmd(
     for table in rich_tables(report.record):
         console.print(table)
     for path in write_reports(
-        report.record, json_path=json_path, markdown_path=markdown_path, plot_path=plot_path
+        report.record,
+        json_path=json_path,
+        markdown_path=markdown_path,
+        plot_path=plot_path,
+        baseline=report.baseline,
     ):
         err_console.print(f"[dim]Wrote {path}[/]")
     if report.gate is not None and not report.gate.passed:

@@ -79,13 +79,16 @@ THROUGHPUT_NEW_TOKENS = 128
 THROUGHPUT_WARMUP = 2
 THROUGHPUT_REPEATS = 5
 THROUGHPUT_BACKEND = "onnx"
-# A decode run reading at least this fraction of the device's peak memory bandwidth is called
-# bandwidth-bound; below it, launch-bound (per-step overheads dominate).
-BANDWIDTH_BOUND_UTILIZATION = 0.5
+# A decode run whose bytes per step exceed the last-level cache and that reads at least this
+# fraction of the device's peak memory bandwidth is called bandwidth-bound; below it,
+# launch-bound (per-step overheads dominate). One decode stream on a CPU reaches 40-60% of the
+# copy probe's figure when memory is what it waits for (SmolLM2 fp32: 47% on 2 cores).
+BANDWIDTH_BOUND_UTILIZATION = 0.4
 # Bytes copied by the CPU memory-bandwidth probe (well beyond any last-level cache).
 CPU_BANDWIDTH_PROBE_BYTES = 256 * 1024 * 1024
 # Baseline gate (`--baseline`): a perplexity regression must exceed both the relative tolerance
-# and this many standard errors of the difference; tok/s may drop by the relative tolerance.
+# and this many standard errors of the paired (window by window) difference; tok/s may drop by
+# the relative tolerance or by the spread of the repeats, whichever is larger.
 GATE_PERPLEXITY_TOLERANCE = 0.005
 GATE_SIGMAS = 2.0
 GATE_THROUGHPUT_TOLERANCE = 0.10

@@ -153,6 +153,22 @@ def measure_cpu_bandwidth(nbytes: int | None = None, repeats: int = 3) -> float:
     return 2 * src.nbytes / best
 
 
+def cpu_cache_bytes() -> int | None:
+    """Size of the CPU's last-level cache (the largest level cpu0 reports in sysfs), or None."""
+    best: tuple[int, int] | None = None
+    for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+        except (OSError, ValueError):
+            continue
+        scale = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1:], 1)
+        digits = text.rstrip("KMG")
+        if digits.isdigit() and (best is None or level > best[0]):
+            best = (level, int(digits) * scale)
+    return best[1] if best else None
+
+
 def peak_bandwidth(device: str) -> dict[str, Any]:
     """``{"bytes_per_s", "source"}``: the GPU's datasheet figure, or the CPU's measured one.
 

@@ -6,6 +6,7 @@ import copy
 import json
 import math
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
@@ -17,6 +18,7 @@ from llmtool.evaluate.gate import (
     compare,
     config_differences,
     judge,
+    paired_difference,
     parse_tolerance,
     read_baseline,
 )
@@ -43,9 +45,10 @@ def tps(value: float) -> dict:
     [
         (ppl(10.0), ppl(9.0), "better"),
         (ppl(10.0), ppl(10.0), "same"),
-        (ppl(10.0), ppl(10.3), "worse"),  # +3%, far beyond 2σ of 0.0014
+        (ppl(10.0), ppl(10.3), "worse"),  # +3%, no per-window pairs: the tolerance decides
         (ppl(10.0), ppl(10.03), "within tolerance"),  # +0.3% < +0.5%
-        (ppl(10.0, 0.02), ppl(10.3, 0.02), "within tolerance"),  # +3% but ln(1.03) < 2σ = 0.057
+        # Independent standard errors no longer excuse a rise: only the paired noise does.
+        (ppl(10.0, 0.02), ppl(10.3, 0.02), "worse"),
         (tps(100.0), tps(95.0), "within tolerance"),
         (tps(100.0), tps(85.0), "worse"),
         (tps(100.0), tps(120.0), "better"),
@@ -63,6 +66,36 @@ def test_rules(old, new, status):
     assert row.status == status
     if math.isfinite(new["value"]) and old["value"]:
         assert row.change == pytest.approx((new["value"] - old["value"]) / old["value"])
+
+
+def test_paired_noise_and_spread_rules():
+    # +3% with a paired standard error of 0.02 nats: ln(1.03) = 0.0296 < 2σ = 0.04, noise.
+    row = judge("perplexity", ppl(10.0), ppl(10.3), Tolerance(), paired=(math.log(1.03), 0.02))
+    assert (row.status, row.decided_by) == ("within tolerance", "paired noise")
+    row = judge("perplexity", ppl(10.0), ppl(10.3), Tolerance(), paired=(math.log(1.03), 0.001))
+    assert (row.status, row.decided_by) == ("worse", "paired noise")
+    # -15% tok/s: beyond the 10% tolerance, but the repeats themselves spread by 20%.
+    noisy = {**tps(85.0), "spread": 0.2}
+    row = judge("decode", tps(100.0), noisy, Tolerance())
+    assert (row.status, row.decided_by) == ("within tolerance", "spread of repeats")
+    row = judge("decode", tps(100.0), {**tps(85.0), "spread": 0.03}, Tolerance())
+    assert (row.status, row.decided_by) == ("worse", "tolerance")
+    assert "spread 3%" in row.limit
+
+
+def test_paired_difference_is_the_window_by_window_noise():
+    old = {"window_nll": [10.0, 20.0, 30.0], "window_tokens": [5, 10, 15]}
+    same_shift = {"window_nll": [10.5, 21.0, 31.5], "window_tokens": [5, 10, 15]}
+    d, se = paired_difference(old, same_shift)
+    assert d == pytest.approx(3.0 / 30) and se == pytest.approx(0.0, abs=1e-12)
+    noisy = {"window_nll": [12.0, 19.0, 31.0], "window_tokens": [5, 10, 15]}
+    d, se = paired_difference(old, noisy)
+    n, diff = np.array([5, 10, 15.0]), np.array([2.0, -1.0, 1.0])
+    ref = math.sqrt(3 / 2 * ((diff - d * n) ** 2).sum()) / n.sum()
+    assert d == pytest.approx(2.0 / 30) and se == pytest.approx(ref)
+    assert paired_difference({}, noisy) is None  # a v1 baseline: tolerance only
+    with pytest.raises(UsageError, match="other windows"):
+        paired_difference(old, {"window_nll": [1.0, 2.0], "window_tokens": [5, 25]})
 
 
 def test_tolerance_option():
@@ -187,12 +220,56 @@ def with_baseline(measured, tmp_path, edit):
 
 
 def set_ppl(value, se=None):
+    """Edit only the perplexity metric (a baseline without per-window sums, as v1 wrote)."""
+
     def edit(record):
         record["metrics"]["perplexity"]["value"] = value(record["perplexity"])
+        record.pop("window_nll")
+        record.pop("window_tokens")
         if se is not None:
             record["metrics"]["perplexity"]["standard_error"] = se
 
     return edit
+
+
+def shift_windows(rise, noise=0.0, seed=0):
+    """A baseline whose windows were, on average, ``rise`` (relative perplexity) better.
+
+    Each window's ΣNLL goes down by ln(1 + rise) per token, times a random factor around 1 with
+    spread ``noise``: a consistent improvement (noise 0.5) or mere scatter (noise 5).
+    """
+
+    def edit(record):
+        rng = np.random.default_rng(seed)
+        n = np.array(record["window_tokens"], dtype=float)
+        factors = 1 + noise * rng.standard_normal(len(n))
+        factors *= n.sum() / (factors * n).sum()  # the mean shift stays exactly ln(1 + rise)
+        old = np.array(record["window_nll"]) - math.log1p(rise) * n * factors
+        record["window_nll"] = old.tolist()
+        nll = old.sum() / n.sum()
+        record["metrics"]["perplexity"]["value"] = math.exp(nll)
+        record["perplexity"] = math.exp(nll)
+
+    return edit
+
+
+def test_cli_gate_baseline_one_percent_better_fails(measured, tmp_path):
+    """The defect: a 1% rise on the same tokens is real (paired noise ~0), so it must fail."""
+    result = with_baseline(measured, tmp_path, shift_windows(0.01, noise=0.5))
+    assert result.exit_code == 1, result.output
+    rows = json.loads((tmp_path / "new.json").read_text())["gate"]["rows"]
+    row = next(r for r in rows if r["metric"] == "perplexity")
+    assert row["status"] == "worse" and row["decided_by"] == "paired noise"
+    assert row["change"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_cli_gate_scatter_without_a_consistent_rise_passes(measured, tmp_path):
+    """+1% on average but windows scattered far more than that: paired noise, not a regression."""
+    result = with_baseline(measured, tmp_path, shift_windows(0.01, noise=40.0))
+    assert result.exit_code == 0, result.output
+    rows = json.loads((tmp_path / "new.json").read_text())["gate"]["rows"]
+    row = next(r for r in rows if r["metric"] == "perplexity")
+    assert row["status"] == "within tolerance" and row["decided_by"] == "paired noise"
 
 
 def test_cli_gate_unchanged_passes(measured, tmp_path):
@@ -218,12 +295,15 @@ def test_cli_gate_worse_fails_with_exit_1(measured, tmp_path):
     assert next(r for r in rows if r["metric"] == "perplexity")["status"] == "worse"
 
 
-def test_cli_gate_noise_within_tolerance_passes(measured, tmp_path):
-    """+3% perplexity on ~1,800 tokens is within 2 standard errors: noise, not a regression."""
-    result = with_baseline(measured, tmp_path, set_ppl(lambda p: p / 1.03))
+def test_cli_gate_v1_baseline_is_judged_by_the_tolerance_alone(measured, tmp_path):
+    """A baseline without per-window sums: +0.3% passes, +1% fails (no σ rule to hide it)."""
+    result = with_baseline(measured, tmp_path, set_ppl(lambda p: p / 1.003))
     assert result.exit_code == 0, result.output
     rows = json.loads((tmp_path / "new.json").read_text())["gate"]["rows"]
-    assert next(r for r in rows if r["metric"] == "perplexity")["status"] == "within tolerance"
+    row = next(r for r in rows if r["metric"] == "perplexity")
+    assert row["status"] == "within tolerance" and "tolerance only" in row["limit"]
+    result = with_baseline(measured, tmp_path, set_ppl(lambda p: p / 1.01, se=0.05))
+    assert result.exit_code == 1, result.output
 
 
 def test_cli_gate_mismatched_config_exits_2(measured, tmp_path):

@@ -23,20 +23,33 @@ WORD_SPLIT = re.compile(r"\s+")
 
 @dataclass(frozen=True)
 class Document:
-    """One document: where it came from and its text."""
+    """One document: where it came from and its text.
+
+    Attributes:
+        name: File name, or ``file:line`` for JSONL.
+        text: The text that is tokenized and scored (after ``--preprocess``).
+        original: The text as stored, when a preprocessing changed it; words and bytes are
+            counted on it, as lm-evaluation-harness' wikitext task does.
+    """
 
     name: str
     text: str
+    original: str | None = None
+
+    @property
+    def source(self) -> str:
+        """The text as stored in the data file."""
+        return self.text if self.original is None else self.original
 
     @property
     def bytes(self) -> int:
         """UTF-8 bytes of the original text."""
-        return len(self.text.encode("utf-8"))
+        return len(self.source.encode("utf-8"))
 
     @property
     def words(self) -> int:
         """Words as lm-evaluation-harness counts them: ``len(re.split(r"\\s+", text))``."""
-        return len(WORD_SPLIT.split(self.text))
+        return len(WORD_SPLIT.split(self.source))
 
 
 @dataclass
@@ -51,6 +64,7 @@ class Corpus:
             bytes, in sorted order).
         skipped: Documents left out because their text is empty or only whitespace.
         text_field: The JSONL field read (``None`` for text data).
+        preprocess: The ``--preprocess`` applied to every document (None: the text as stored).
     """
 
     path: Path
@@ -59,6 +73,7 @@ class Corpus:
     sha256: str
     skipped: int = 0
     text_field: str | None = None
+    preprocess: str | None = None
 
 
 def data_format(path: Path) -> str:
@@ -122,16 +137,26 @@ def _jsonl_documents(path: Path, text: str, field: str) -> tuple[list[Document],
     return documents, skipped
 
 
-def load_corpus(path: str | Path, text_field: str = defaults.EVAL_TEXT_FIELD) -> Corpus:
+def load_corpus(
+    path: str | Path,
+    text_field: str = defaults.EVAL_TEXT_FIELD,
+    preprocess: str | None = None,
+) -> Corpus:
     """Read the documents of a text file, a directory of .txt files or a JSONL file.
 
     Args:
         path: The data.
         text_field: The field holding each document's text in JSONL.
+        preprocess: A task preprocessing of :mod:`llmtool.evaluate.preprocess` applied to each
+            document (``wikitext``); words and bytes stay counted on the stored text.
 
     Raises:
-        UsageError: The path is missing, is not UTF-8, is not valid JSONL, or holds no text.
+        UsageError: The path is missing, is not UTF-8, is not valid JSONL, or holds no text,
+            or an unknown preprocessing.
     """
+    from llmtool.evaluate.preprocess import get_preprocessor
+
+    transform = get_preprocessor(preprocess)
     path = Path(path)
     if not path.exists():
         raise UsageError(
@@ -156,6 +181,8 @@ def load_corpus(path: str | Path, text_field: str = defaults.EVAL_TEXT_FIELD) ->
             documents.append(Document(path.name, text))
     if not documents:
         raise UsageError(f"Data file {path} is empty", "pass a file with text in it.")
+    if transform is not None:
+        documents = [Document(d.name, transform(d.text), d.text) for d in documents]
     return Corpus(
         path=path,
         format=kind,
@@ -163,6 +190,7 @@ def load_corpus(path: str | Path, text_field: str = defaults.EVAL_TEXT_FIELD) ->
         sha256=data_sha256(path),
         skipped=skipped,
         text_field=text_field if kind == "jsonl" else None,
+        preprocess=None if transform is None else preprocess,
     )
 
 

@@ -7,10 +7,18 @@ throughput shapes and execution provider. Otherwise the gate refuses (exit code 
 Then each metric both reports carry is compared by its ``gate`` rule (exit code 1 if one fails):
 
 * ``perplexity``: worse when it rose by more than the relative tolerance (default +0.5%) *and*
-  ln(PPL_new / PPL_old) exceeds ``sigmas`` (default 2) standard errors of the difference,
-  sqrt(SE_old² + SE_new²) of the mean NLLs; a rise within either bound is noise.
+  ln(PPL_new / PPL_old) exceeds ``sigmas`` (default 2) standard errors of the **paired**
+  difference. Both runs scored the same tokens in the same windows (the config check makes
+  sure), so the difference is measured window by window: with d_w = ΣNLL_new(w) − ΣNLL_old(w)
+  and n_w tokens, D = Σd_w / Σn_w = ln(PPL_new / PPL_old) and its standard error is that of a
+  ratio estimator, sqrt(W / (W − 1) · Σ(d_w − D·n_w)²) / Σn_w over the W windows. The same
+  model gives d_w = 0 everywhere (no noise at all), so any rise beyond the tolerance fails. A
+  baseline without per-window sums (written before they were recorded) or with a single window
+  is judged by the tolerance alone. Treating the runs as independent samples
+  (sqrt(SE_old² + SE_new²)) would hide rises of 10% and more on a few thousand tokens.
 * ``throughput``: tok/s (best of repeats) worse when it fell by more than the relative tolerance
-  (default -10%).
+  (default -10%) *and* by more than the spread of the repeats ((best − worst) / best of either
+  run): a drop inside the machine's own run-to-run noise is not a regression.
 * ``count``: worse when it grew at all (non-finite logits).
 
 Metrics without a rule are shown with their change and never fail the gate.
@@ -24,13 +32,23 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.evaluate.schema import SCHEMA_NAME, SCHEMA_VERSION
 
 # Config keys that must agree, per report section.
 COMPARED = {
-    "perplexity": ("data_sha256", "protocol", "max_length", "stride", "text_field"),
+    "perplexity": (
+        "data_sha256",
+        "protocol",
+        "max_length",
+        "stride",
+        "text_field",
+        "preprocess",
+        "max_tokens",
+    ),
     "throughput": ("batch_sizes", "prompt_lengths", "new_tokens"),
 }
 
@@ -173,6 +191,8 @@ class GateRow:
         change: (new - old) / old, None when old is 0 or either is missing.
         limit: The rule, in words ("" for informational metrics).
         status: ``better``, ``same``, ``within tolerance``, ``worse`` or ``info``.
+        decided_by: Which bound decided a rise or drop: ``tolerance``, ``paired noise`` or
+            ``spread of repeats`` ("" when none was needed).
     """
 
     metric: str
@@ -182,15 +202,27 @@ class GateRow:
     change: float | None
     limit: str
     status: str
+    decided_by: str = ""
 
 
 @dataclass
 class GateResult:
-    """The comparison with a baseline: one row per common metric."""
+    """The comparison with a baseline: one row per common metric.
+
+    Attributes:
+        baseline: The baseline's path.
+        tolerance: The allowed changes.
+        rows: One per metric both reports have.
+        baseline_model: The model the baseline measured (its ``config.model``).
+        notes: What the reader should know: which model produced the baseline, a quantization
+            that differs (allowed: comparing int4 with fp32 is what a quantization check does).
+    """
 
     baseline: str
     tolerance: Tolerance
     rows: list[GateRow] = field(default_factory=list)
+    baseline_model: str = ""
+    notes: list[str] = field(default_factory=list)
 
     @property
     def failed(self) -> list[GateRow]:
@@ -206,6 +238,8 @@ class GateResult:
             "tolerance": asdict(self.tolerance),
             "passed": self.passed,
             "rows": [asdict(r) for r in self.rows],
+            "baseline_model": self.baseline_model,
+            "notes": self.notes,
         }
 
 
@@ -213,24 +247,81 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
 
 
-def judge(key: str, old: dict[str, Any], new: dict[str, Any], tolerance: Tolerance) -> GateRow:
-    """Compare one metric with its baseline under its ``gate`` rule."""
+def paired_difference(
+    baseline: dict[str, Any], record: dict[str, Any]
+) -> tuple[float, float] | None:
+    """ln(PPL_new / PPL_old) and its paired standard error, from the per-window NLL sums.
+
+    Returns:
+        ``(D, SE)`` (see the module docstring); None when the baseline has no per-window sums
+        (judge by the tolerance alone) or fewer than two windows.
+
+    Raises:
+        UsageError: Both have per-window sums but over other windows (other tokens).
+    """
+    old, new = baseline.get("window_nll"), record.get("window_nll")
+    if not old or not new:
+        return None
+    if baseline.get("window_tokens") != record.get("window_tokens"):
+        raise UsageError(
+            "The baseline scored other windows than this run (its per-window token counts differ)",
+            "rerun the baseline with this llmtool on the same data and settings.",
+        )
+    n = np.asarray(record["window_tokens"], dtype=np.float64)
+    d = np.asarray(new, dtype=np.float64) - np.asarray(old, dtype=np.float64)
+    if len(d) < 2:
+        return None
+    mean = float(d.sum() / n.sum())
+    residual = d - mean * n
+    se = math.sqrt(len(d) / (len(d) - 1) * float((residual**2).sum())) / float(n.sum())
+    return mean, se
+
+
+def _spread(metric: dict[str, Any]) -> float:
+    value: Any = metric.get("spread")
+    return float(value) if _finite(value) else 0.0
+
+
+def _limit(
+    rule: Any, tolerance: Tolerance, paired: tuple[float, float] | None, spread: float
+) -> str:
+    if rule == "perplexity":
+        if paired is None:
+            return f"+{100 * tolerance.perplexity:g}% (tolerance only: no per-window NLL)"
+        noise = 100 * math.expm1(tolerance.sigmas * paired[1])
+        return f"+{100 * tolerance.perplexity:g}% and {tolerance.sigmas:g}σ paired (±{noise:.2g}%)"
+    if rule == "throughput":
+        return f"-{100 * tolerance.throughput:g}% and spread {100 * spread:.2g}%"
+    return "no increase" if rule == "count" else ""
+
+
+def judge(
+    key: str,
+    old: dict[str, Any],
+    new: dict[str, Any],
+    tolerance: Tolerance,
+    paired: tuple[float, float] | None = None,
+) -> GateRow:
+    """Compare one metric with its baseline under its ``gate`` rule.
+
+    Args:
+        key: The metric's name.
+        old: The baseline's entry of the ``metrics`` map.
+        new: This run's entry.
+        tolerance: The allowed changes.
+        paired: ``(D, SE)`` of :func:`paired_difference` for ``perplexity`` (None: the
+            relative tolerance alone decides).
+    """
     a: Any = old.get("value")
     b: Any = new.get("value")
     rule = new.get("gate")
     higher = bool(new.get("higher_is_better"))
     change = (b - a) / abs(a) if _finite(a) and _finite(b) and a != 0 else None
-    limit = ""
-    if rule == "perplexity":
-        se = math.hypot(old.get("standard_error") or 0.0, new.get("standard_error") or 0.0)
-        limit = f"+{100 * tolerance.perplexity:g}% and {tolerance.sigmas:g}σ (±{100 * math.expm1(tolerance.sigmas * se):.2g}%)"
-    elif rule == "throughput":
-        limit = f"-{100 * tolerance.throughput:g}%"
-    elif rule == "count":
-        limit = "no increase"
-    row = GateRow(key, new.get("unit", ""), a, b, change, limit, "info")
+    spread = max(_spread(old), _spread(new))
+    row = GateRow(
+        key, new.get("unit", ""), a, b, change, _limit(rule, tolerance, paired, spread), "info"
+    )
     if not _finite(a):
-        row.status = "info"
         return row
     if not _finite(b):
         row.status = "worse" if rule else "info"
@@ -244,12 +335,17 @@ def judge(key: str, old: dict[str, Any], new: dict[str, Any], tolerance: Toleran
     elif not worse:
         row.status = "better"
     elif rule == "perplexity":
-        beyond_noise = a > 0 and b > 0 and math.log(b / a) > tolerance.sigmas * se
-        row.status = (
-            "worse" if b > a * (1 + tolerance.perplexity) and beyond_noise else "within tolerance"
-        )
+        beyond_tolerance = b > a * (1 + tolerance.perplexity)
+        beyond_noise = paired is None or paired[0] > tolerance.sigmas * paired[1]
+        row.status = "worse" if beyond_tolerance and beyond_noise else "within tolerance"
+        row.decided_by = "paired noise" if beyond_tolerance and paired is not None else "tolerance"
     elif rule == "throughput":
-        row.status = "worse" if b < a * (1 - tolerance.throughput) else "within tolerance"
+        drop = (a - b) / a
+        row.status = (
+            "worse" if drop > tolerance.throughput and drop > spread else "within tolerance"
+        )
+        # The larger bound is the one that decides (both must be exceeded to fail).
+        row.decided_by = "spread of repeats" if spread > tolerance.throughput else "tolerance"
     else:  # count
         row.status = "worse"
     return row
@@ -259,9 +355,20 @@ def compare(
     baseline: dict[str, Any], record: dict[str, Any], tolerance: Tolerance, path: str | Path = ""
 ) -> GateResult:
     """Compare every metric the two reports share (configs already checked)."""
-    result = GateResult(str(path), tolerance)
+    old_config, new_config = baseline.get("config") or {}, record.get("config") or {}
+    result = GateResult(str(path), tolerance, baseline_model=str(old_config.get("model") or ""))
+    if result.baseline_model:
+        result.notes.append(f"baseline model {result.baseline_model}")
+    old_q, new_q = old_config.get("quantization"), new_config.get("quantization")
+    if old_q != new_q:
+        result.notes.append(
+            f"quantization differs: baseline {old_q or old_config.get('dtype') or 'none'}, "
+            f"this run {new_q or new_config.get('dtype') or 'none'}"
+        )
     old_metrics = baseline.get("metrics") or {}
+    paired = paired_difference(baseline, record) if "perplexity" in old_metrics else None
     for key, new in record["metrics"].items():
         if key in old_metrics:
-            result.rows.append(judge(key, old_metrics[key], new, tolerance))
+            pairs = paired if new.get("gate") == "perplexity" else None
+            result.rows.append(judge(key, old_metrics[key], new, tolerance, pairs))
     return result

@@ -26,7 +26,13 @@ from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.evaluate.data import Corpus, load_corpus
 from llmtool.evaluate.metrics import FidelityAccumulator, nll_summary, safe_exp, token_nll
-from llmtool.evaluate.protocols import Pass, Protocol, make_protocol, scored_logits
+from llmtool.evaluate.protocols import (
+    Pass,
+    Protocol,
+    check_llama_cpp_length,
+    make_protocol,
+    scored_logits,
+)
 from llmtool.evaluate.reference import Reference, check_same_tokens, load_reference
 from llmtool.runtime.model import OnnxCausalLM
 from llmtool.runtime.session import SessionOptions
@@ -63,6 +69,11 @@ class PerplexityResult:
         per_document: One ``{"name", "tokens", "nll", "perplexity", "words", "bytes"}`` per
             scored document.
         reference: The fidelity report against ``--reference`` (see :func:`evaluate_perplexity`).
+        window_nll: ΣNLL of each forward pass, in pass order: what the baseline gate pairs
+            (:mod:`llmtool.evaluate.gate`).
+        window_tokens: Tokens scored by each pass.
+        preprocess: The task preprocessing applied to each document before tokenizing
+            (``wikitext``), or None.
     """
 
     perplexity: float
@@ -87,6 +98,9 @@ class PerplexityResult:
     data: dict[str, Any] = field(default_factory=dict)
     per_document: list[dict[str, Any]] = field(default_factory=list)
     reference: dict[str, Any] | None = None
+    window_nll: list[float] = field(default_factory=list)
+    window_tokens: list[int] = field(default_factory=list)
+    preprocess: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         record = asdict(self)
@@ -95,19 +109,28 @@ class PerplexityResult:
         return record
 
 
-def default_max_length(model: OnnxCausalLM) -> int:
-    """min(model context, 1024)."""
+def default_max_length(model: OnnxCausalLM, protocol: str = defaults.EVAL_PROTOCOL) -> int:
+    """The window the protocol's own tool would use.
+
+    ``lm-eval``: the model's context (lm-evaluation-harness' ``max_length`` is the model's
+    ``max_position_embeddings``). ``hf`` and ``llama-cpp``: min(model context, 1024), the
+    transformers guide's window and a ``-c`` that fits every small model.
+    """
     context = model.max_positions or defaults.MAX_EVAL_LENGTH
+    if protocol == "lm-eval":
+        return context
     return min(context, defaults.MAX_EVAL_LENGTH)
 
 
-def check_max_length(model: OnnxCausalLM, max_length: int | None) -> int:
-    """The window length to use: ``max_length`` or the default, within the model's context.
+def check_max_length(
+    model: OnnxCausalLM, max_length: int | None, protocol: str = defaults.EVAL_PROTOCOL
+) -> int:
+    """The window length to use: ``max_length`` or the protocol's default, within the context.
 
     Raises:
         UsageError: ``max_length`` exceeds the model's context.
     """
-    max_length = max_length or default_max_length(model)
+    max_length = max_length or default_max_length(model, protocol)
     if model.max_positions and max_length > model.max_positions:
         raise UsageError(
             f"--max-length {max_length} exceeds the model's context of {model.max_positions} tokens",
@@ -126,6 +149,8 @@ class Plan:
         protocol: The protocol, with its settings and special tokens.
         passes: ``(document index, pass)`` for every forward pass, in document order.
         reference: The model compared with, if any.
+        truncated: ``max_tokens`` left passes out (per-word and per-byte figures are then not
+            reported: the words of a partly scored document are not known).
     """
 
     model: OnnxCausalLM
@@ -133,6 +158,12 @@ class Plan:
     protocol: Protocol
     passes: list[tuple[int, Pass]]
     reference: Reference | None = None
+    truncated: bool = False
+
+    @property
+    def tokens(self) -> int:
+        """Tokens the passes score."""
+        return sum(len(p.targets) for _, p in self.passes)
 
 
 @dataclass
@@ -159,13 +190,19 @@ def prepare(
     corpus: Corpus,
     protocol: Protocol,
     reference: Reference | None,
+    max_tokens: int | None = None,
 ) -> Plan:
     """Tokenize the documents, check the reference tokenizes them alike, list the passes.
+
+    With ``max_tokens``, only the first passes are kept, up to the first that brings the scored
+    tokens to ``max_tokens`` or more (a bounded run, for CI).
 
     Raises:
         UsageError: The reference tokenizes differently, or no document is long enough.
     """
     token_ids = protocol.encode(model.tokenizer, [d.text for d in corpus.documents])
+    if protocol.name == "llama-cpp":
+        check_llama_cpp_length([d.name for d in corpus.documents], token_ids, protocol.max_length)
     if reference is not None:
         check_same_tokens(protocol, reference, corpus, token_ids)
     passes = [(d, p) for d, ids in enumerate(token_ids) for p in protocol.passes(ids)]
@@ -174,6 +211,12 @@ def prepare(
             f"No document of {corpus.path} has the {protocol.min_tokens} tokens --protocol {protocol.name} needs",
             "lower --max-length or score a longer text.",
         )
+    if max_tokens is not None:
+        if max_tokens < 1:
+            raise UsageError(f"--max-tokens must be at least 1, got {max_tokens}")
+        scored = np.cumsum([len(p.targets) for _, p in passes])
+        kept = passes[: int(np.searchsorted(scored, max_tokens)) + 1]
+        return Plan(model, corpus, protocol, kept, reference, len(kept) < len(passes))
     return Plan(model, corpus, protocol, passes, reference)
 
 
@@ -221,7 +264,7 @@ def summarize(plan: Plan, scores: Scores) -> PerplexityResult:
     n_words = sum(doc.words for doc, _ in scored)
     summary = nll_summary(nll)
     # llama-cpp scores half of each chunk: per-word and per-byte figures would mean nothing.
-    per_word = proto.scores_every_token
+    per_word = proto.scores_every_token and not plan.truncated
     return PerplexityResult(
         perplexity=summary["perplexity"],
         nll=summary["nll"],
@@ -259,6 +302,10 @@ def summarize(plan: Plan, scores: Scores) -> PerplexityResult:
             }
             for doc, x in scored
         ],
+        # Rounded to 1e-6 nats: far below any difference the gate judges, and compact.
+        window_nll=[round(float(x.sum()), 6) for parts in scores.per_document for x in parts],
+        window_tokens=[len(x) for parts in scores.per_document for x in parts],
+        preprocess=corpus.preprocess,
     )
 
 
@@ -267,6 +314,9 @@ def reference_summary(reference: Reference, scores: Scores) -> dict[str, Any]:
     assert scores.fidelity is not None
     report = scores.fidelity.report()
     ref = nll_summary(np.concatenate(scores.reference_nll))
+    kl = np.maximum(np.concatenate(scores.fidelity.kl), 1e-12)
+    # 40 log-spaced bins from the least to the largest KL: the plot's distribution.
+    edges = np.geomspace(kl.min(), max(kl.max(), kl.min() * 10), 41)
     return {
         "model": reference.spec,
         "kind": reference.kind,
@@ -280,6 +330,11 @@ def reference_summary(reference: Reference, scores: Scores) -> dict[str, Any]:
         "top1_agreement": report.top1_agreement,
         "nonfinite_logits": report.nonfinite_logits,
         "tokens": report.tokens,
+        "window_nll": [round(float(x.sum()), 6) for x in scores.reference_nll],
+        "kl_histogram": {
+            "edges": edges.tolist(),
+            "counts": np.histogram(kl, edges)[0].tolist(),
+        },
     }
 
 
@@ -295,13 +350,17 @@ def evaluate_perplexity(
     protocol: str = defaults.EVAL_PROTOCOL,
     text_field: str = defaults.EVAL_TEXT_FIELD,
     reference: str | Path | Reference | None = None,
+    preprocess: str | None = None,
+    max_tokens: int | None = None,
+    on_plan: Callable[[Plan], None] | None = None,
 ) -> PerplexityResult:
     """Perplexity of an export on a text file, a directory of .txt files or JSONL.
 
     Args:
         model: An :class:`OnnxCausalLM` or an export directory.
         data: The data path, or a :class:`~llmtool.evaluate.data.Corpus` already read.
-        max_length: Tokens per forward pass; default min(model context, 1024).
+        max_length: Tokens per forward pass; default the model's context for ``lm-eval``,
+            else min(model context, 1024).
         stride: Step between windows (``hf`` only); default ``max_length // 2``.
         provider: ``auto``, ``cuda`` or ``cpu``.
         session_options: ONNX Runtime settings.
@@ -313,18 +372,25 @@ def evaluate_perplexity(
             ``reference`` to the result: its perplexity, ΔPPL, ln(PPL/PPL_ref),
             KL(P_ref || P) mean / median / p99 / max, top-1 agreement and the model's
             non-finite logits.
+        preprocess: ``wikitext`` to score lm-evaluation-harness' detokenized text (words and
+            bytes counted on the original); ignored when ``data`` is a Corpus already read.
+        max_tokens: Score only the first passes, up to about this many tokens (see
+            :func:`prepare`).
+        on_plan: Called with the plan before scoring (how many passes and tokens will run).
 
     Raises:
         UsageError: Bad data or options, or a reference with another tokenizer or vocabulary.
     """
-    corpus = data if isinstance(data, Corpus) else load_corpus(data, text_field)
+    corpus = data if isinstance(data, Corpus) else load_corpus(data, text_field, preprocess)
     if not isinstance(model, OnnxCausalLM):
         model = OnnxCausalLM(model, provider, options=session_options)
-    max_length = check_max_length(model, max_length)
+    max_length = check_max_length(model, max_length, protocol)
     proto = make_protocol(protocol, model.tokenizer, max_length, stride)
     if reference is not None and not isinstance(reference, Reference):
         reference = load_reference(reference, provider, session_options)
-    plan = prepare(model, corpus, proto, reference)
+    plan = prepare(model, corpus, proto, reference, max_tokens)
+    if on_plan is not None:
+        on_plan(plan)
     scores = score(plan, on_window)
     result = summarize(plan, scores)
     if reference is not None:

@@ -244,6 +244,21 @@ def make_protocol(
     return Protocol(name, max_length, stride, prefix_id, bos_id)
 
 
+def check_llama_cpp_length(names: list[str], token_ids: list[np.ndarray], n_ctx: int) -> None:
+    """Refuse a document shorter than 2 × n_ctx tokens, as ``llama-perplexity`` does.
+
+    Raises:
+        UsageError: Some document has fewer than ``2 * n_ctx`` tokens.
+    """
+    for name, ids in zip(names, token_ids, strict=True):
+        if len(ids) < 2 * n_ctx:
+            raise UsageError(
+                f"{name} has {len(ids):,} tokens; --protocol llama-cpp needs at least "
+                f"2 × --max-length = {2 * n_ctx:,}, as llama-perplexity does",
+                f"lower --max-length to {max(3, len(ids) // 2)} or less, or score a longer text.",
+            )
+
+
 def scored_logits(logits_fn: LogitsFn, p: Pass) -> np.ndarray:
     """Run one pass: the [n, V] float32 logits that score ``p.targets``."""
     logits = logits_fn(p.input_ids[None, :])[0]

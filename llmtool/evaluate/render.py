@@ -7,7 +7,6 @@ Markdown and the plot.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 from dataclasses import dataclass, field
@@ -36,6 +35,12 @@ def _g(value: Any, digits: int = 5) -> str:
     if isinstance(value, float) and not math.isfinite(value):
         return str(value)
     return f"{value:.{digits}g}"
+
+
+def _ms(seconds: float) -> str:
+    """Milliseconds with sensible digits: 2,130 / 41.2 / 0.523, never 2.13e+03."""
+    ms = 1000 * seconds
+    return f"{ms:,.0f}" if ms >= 100 else f"{ms:.3g}"
 
 
 def _mib(value: Any) -> str:
@@ -73,10 +78,14 @@ def perplexity_section(record: dict[str, Any]) -> Section:
         ["words / bytes", f"{record['words']:,} / {record['bytes']:,}"],
         ["non-finite logits", f"{record.get('nonfinite_logits', 0):,}"],
     ]
-    sha = record.get("data", {}).get("sha256", "")
+    data = record.get("data", {})
+    sha = data.get("sha256", "")
+    name = Path(data["path"]).name if data.get("path") else ""
     s.caption = (
         f"{record['windows']} forward passes on {record['provider']} in {record['seconds']:.1f} s"
-        + (f" · data sha256 {sha[:12]}" if sha else "")
+        + (f" · data {name}" if name else "")
+        + (f" (sha256 {sha[:12]})" if sha else "")
+        + (f" · preprocess {record['preprocess']}" if record.get("preprocess") else "")
     )
     return s
 
@@ -132,16 +141,18 @@ def throughput_section(record: dict[str, Any]) -> Section:
             [
                 f"{x['backend']} {x['device']}",
                 _shape(x),
-                f"{1000 * x['ttft_s']['best']:.3g}",
+                _ms(x["ttft_s"]["best"]),
                 f"{x['prefill_tokens_per_s']['best']:,.0f}",
                 f"{x['decode_tokens_per_s']['best']:,.1f}",
-                "/".join(f"{1000 * itl[q]:.3g}" for q in ("p50", "p90", "p99")),
+                "/".join(_ms(itl[q]) for q in ("p50", "p90", "p99")),
             ]
         )
     new = t["scenarios"][0]["new_tokens"]
+    note = ((record.get("config") or {}).get("throughput") or {}).get("shapes_note")
     s.caption = (
         f"shape: batch × prompt tokens, {new} new tokens a row · best of {t['repeats']} runs "
         f"after {t['warmup']} warm-up · ITL: inter-token latency over every decode step"
+        + (f" · {note}" if note else "")
     )
     return s
 
@@ -171,8 +182,9 @@ def memory_section(record: dict[str, Any]) -> Section:
         s.rows.append(row)
     peaks = "; ".join(f"{d} {_peak(p)}" for d, p in t.get("peak_bandwidth", {}).items())
     s.caption = (
-        f"read: weights + KV cache per decode step × steps/s · peak: {peaks} · bound: bandwidth "
-        f"at ≥ {100 * defaults.BANDWIDTH_BOUND_UTILIZATION:g}% of peak, else launch"
+        f"read: weights + KV cache per decode step × steps/s · peak: {peaks} · bound: cache when "
+        f"a step's bytes fit in the last-level cache, else bandwidth at ≥ "
+        f"{100 * defaults.BANDWIDTH_BOUND_UTILIZATION:g}% of peak, else launch"
     )
     return s
 
@@ -190,10 +202,33 @@ def gate_section(gate: dict[str, Any]) -> Section:
     )
     for r in gate["rows"]:
         change = "–" if r["change"] is None else f"{100 * r['change']:+.2f}%"
-        s.rows.append([r["metric"], _g(r["old"]), _g(r["new"]), change, r["limit"], r["status"]])
+        status = r["status"] + (f" ({r['decided_by']})" if r.get("decided_by") else "")
+        s.rows.append([r["metric"], _g(r["old"]), _g(r["new"]), change, r["limit"], status])
     failed = sum(r["status"] == "worse" for r in gate["rows"])
-    s.caption = "passed" if gate["passed"] else f"FAILED: {failed} metric(s) worse beyond tolerance"
+    verdict = "passed" if gate["passed"] else f"FAILED: {failed} metric(s) worse beyond tolerance"
+    s.caption = " · ".join([verdict, *gate.get("notes", [])])
     return s
+
+
+def verdict(gate: dict[str, Any]) -> str:
+    """One line: pass or fail, which metrics and by how much (what the Markdown leads with)."""
+    worse = [r for r in gate["rows"] if r["status"] == "worse"]
+    if not worse:
+        return f"**PASS** against baseline {gate['baseline']}: no metric worse beyond tolerance."
+
+    def change(r: dict[str, Any]) -> str:
+        return "non-finite" if r["change"] is None else f"{100 * r['change']:+.2f}%"
+
+    items = ", ".join(f"`{r['metric']}` {change(r)} (limit {r['limit']})" for r in worse)
+    return f"**FAIL** against baseline {gate['baseline']}: {items}."
+
+
+def precision(record: dict[str, Any]) -> str:
+    """What the weights are: ``int4 weights (fp32 activations)`` for a quantized export, else the dtype."""
+    config = record.get("config") or {}
+    dtype = config.get("dtype") or record["environment"].get("dtype") or ""
+    quantization = config.get("quantization")
+    return f"{quantization} weights ({dtype} activations)" if quantization else dtype
 
 
 def sections(record: dict[str, Any]) -> list[Section]:
@@ -221,12 +256,27 @@ def rich_tables(record: dict[str, Any]) -> list[Any]:
     for s in sections(record):
         table = Table(title=s.title, caption=s.caption)
         for i, name in enumerate(s.columns):
-            table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
+            # The first column (metric names) never folds mid-word; the numbers do first.
+            table.add_column(
+                name, justify="left" if i == 0 else "right", overflow="fold", no_wrap=i == 0
+            )
         for row in s.rows:
-            style = STATUS_STYLE.get(row[-1]) if s.columns[-1] == "status" else None
-            table.add_row(*row, style=style)
+            style = STATUS_STYLE.get(row[-1].split(" (")[0]) if s.columns[-1] == "status" else None
+            table.add_row(_break_at_dots(row[0]), *row[1:], style=style)
         tables.append(table)
     return tables
+
+
+def _break_at_dots(name: str, width: int = 28) -> str:
+    """A long dotted metric name on several lines, broken only after a dot."""
+    lines = [""]
+    for part in name.split("."):
+        piece = part if not lines[-1] else "." + part
+        if lines[-1] and len(lines[-1]) + len(piece) > width:
+            lines.append(piece)
+        else:
+            lines[-1] += piece
+    return "\n".join(lines)
 
 
 def _cell(text: str) -> str:
@@ -239,11 +289,13 @@ def to_markdown(record: dict[str, Any]) -> str:
     lines = [
         f"## llmtool eval: {Path(record['model']).name}",
         "",
-        f"{env['device']} · {record['provider']} · {env.get('dtype') or ''} · "
+        f"{env['device']} · {record['provider']} · {precision(record)} · "
         f"onnxruntime {env.get('onnxruntime') or '?'} · "
         f"torch {env['versions'].get('torch', '?')}",
         "",
     ]
+    if record.get("gate"):
+        lines[2:2] = [verdict(record["gate"]), ""]  # the verdict first, before any table
     for s in sections(record):
         lines += [f"### {s.title}", ""]
         lines.append("| " + " | ".join(_cell(c) for c in s.columns) + " |")
@@ -273,70 +325,17 @@ def check_plot_path(path: str | Path | None) -> None:
         ) from e
 
 
-def plot_png(record: dict[str, Any]) -> bytes:
-    """A PNG: decode tok/s against batch size per backend; perplexity with its interval per model."""
-    check_plot_path("plot.png")
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    panels = [p for p in ("throughput", "perplexity") if record.get(p) is not None]
-    fig = Figure(figsize=(6 * max(1, len(panels)), 4.2), layout="constrained")
-    for i, panel in enumerate(panels):
-        ax = fig.add_subplot(1, len(panels), i + 1)
-        if panel == "throughput":
-            lines: dict[tuple[str, int], list[tuple[int, float]]] = {}
-            for x in record["throughput"]["scenarios"]:
-                lines.setdefault((x["backend"], x["prompt_length"]), []).append(
-                    (x["batch_size"], x["decode_tokens_per_s"]["best"])
-                )
-            for (backend, prompt), points in sorted(lines.items()):
-                points.sort()
-                ax.plot(*zip(*points, strict=True), marker="o", label=f"{backend}, prompt {prompt}")
-            batches = sorted({x["batch_size"] for x in record["throughput"]["scenarios"]})
-            if len(batches) > 1:
-                ax.set_xscale("log", base=2)
-            ax.set_xticks(batches, [str(b) for b in batches])
-            ax.set_xlabel("batch size")
-            ax.set_ylabel("decode tokens/s (best of repeats)")
-            ax.set_title("Decode throughput")
-            ax.legend(fontsize="small")
-            ax.grid(alpha=0.3)
-        else:
-            models = [
-                (Path(record["model"]).name, record["perplexity"], record.get("perplexity_ci"))
-            ]
-            ref = record.get("reference")
-            if ref:
-                models.append(
-                    (
-                        f"{Path(ref['model']).name} (ref)",
-                        ref["perplexity"],
-                        ref.get("perplexity_ci"),
-                    )
-                )
-            for j, (name, ppl, ci) in enumerate(models):
-                err = [[ppl - ci["low"]], [ci["high"] - ppl]] if ci else None
-                ax.errorbar([j], [ppl], yerr=err, fmt="o", capsize=6, label=name)
-            ax.set_xticks(range(len(models)), [m[0] for m in models])
-            ax.set_xlim(-0.5, len(models) - 0.5)
-            ci = record.get("perplexity_ci")
-            level = f"{100 * ci['confidence']:g}% interval" if ci else "no interval"
-            ax.set_ylabel(f"perplexity ({record['protocol']}, {level})")
-            ax.set_title("Perplexity")
-            ax.grid(alpha=0.3, axis="y")
-    buf = io.BytesIO()
-    FigureCanvasAgg(fig).print_png(buf)
-    return buf.getvalue()
-
-
 def write_reports(
     record: dict[str, Any],
     *,
     json_path: str | Path | None = None,
     markdown_path: str | Path | None = None,
     plot_path: str | Path | None = None,
+    baseline: dict[str, Any] | None = None,
 ) -> list[Path]:
     """Write the requested files atomically; Markdown also goes to ``$GITHUB_STEP_SUMMARY``.
+
+    ``baseline`` (the ``--baseline`` record) puts the old run beside the new one in the plot.
 
     Returns:
         The paths written.
@@ -353,6 +352,8 @@ def write_reports(
             with open(summary, "a", encoding="utf-8") as f:
                 f.write(text + "\n")
     if plot_path is not None:
-        atomic_write_bytes(Path(plot_path), plot_png(record))
+        from llmtool.evaluate.plot import plot_png
+
+        atomic_write_bytes(Path(plot_path), plot_png(record, baseline))
         written.append(Path(plot_path))
     return written

@@ -18,9 +18,11 @@ from typing import TYPE_CHECKING, Any
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.evaluate.gate import GateResult, Tolerance
+from llmtool.evaluate.options import EvalOptions, check_options, parse_backends  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     from llmtool.evaluate.data import Corpus
+    from llmtool.evaluate.perplexity import Plan
     from llmtool.evaluate.protocols import Protocol
     from llmtool.evaluate.reference import Reference
     from llmtool.runtime.model import OnnxCausalLM
@@ -31,78 +33,16 @@ ProgressFn = Callable[[str, int, "int | None"], None]
 
 
 @dataclass
-class EvalOptions:
-    """What to measure (see ``llmtool eval --help`` for each option).
-
-    Attributes:
-        data: Text file, directory of .txt files or JSONL; None for throughput alone.
-        protocol: ``hf``, ``lm-eval`` or ``llama-cpp``.
-        text_field: JSONL field holding the text.
-        max_length: Tokens per forward pass (default min(context, 1024)).
-        stride: Step between ``hf`` windows (default max_length / 2).
-        reference: PyTorch model spec or export directory to compare with.
-        throughput: Run the throughput scenarios.
-        batch_sizes: Rows per scenario.
-        prompt_lengths: Prompt tokens per row.
-        new_tokens: Tokens generated per row.
-        warmup: Untimed runs per scenario.
-        repeats: Timed runs per scenario.
-        backends: ``onnx`` and optionally ``pytorch``.
-        provider: ``auto``, ``cuda`` or ``cpu``.
-        threads: Intra-op threads of ONNX Runtime, and of PyTorch for a PyTorch reference and
-            ``--backend pytorch`` (0: each library's default, all cores).
-        graph_optimization: ONNX Runtime's graph optimization level.
-        cpu_arena: ONNX Runtime's CPU memory arena.
-        huge_pages: Move a CPU session's weights onto 2 MB huge pages once loaded.
-        allow_pickle: Accept pickle weights for PyTorch models.
-    """
-
-    data: Path | None = None
-    protocol: str = defaults.EVAL_PROTOCOL
-    text_field: str = defaults.EVAL_TEXT_FIELD
-    max_length: int | None = None
-    stride: int | None = None
-    reference: str | None = None
-    throughput: bool = False
-    batch_sizes: tuple[int, ...] = defaults.THROUGHPUT_BATCH_SIZES
-    prompt_lengths: tuple[int, ...] = defaults.THROUGHPUT_PROMPT_LENGTHS
-    new_tokens: int = defaults.THROUGHPUT_NEW_TOKENS
-    warmup: int = defaults.THROUGHPUT_WARMUP
-    repeats: int = defaults.THROUGHPUT_REPEATS
-    backends: tuple[str, ...] = (defaults.THROUGHPUT_BACKEND,)
-    provider: str = defaults.PROVIDER
-    threads: int = defaults.ORT_THREADS
-    graph_optimization: str = defaults.ORT_GRAPH_OPTIMIZATION
-    cpu_arena: bool = defaults.ORT_CPU_ARENA
-    huge_pages: bool = defaults.ORT_HUGE_PAGES
-    allow_pickle: bool = False
-
-
-@dataclass
 class EvalReport:
-    """What :func:`run_eval` returns: the ``--json`` record and the gate's verdict, if any."""
+    """What :func:`run_eval` returns: the ``--json`` record, the gate's verdict and the baseline."""
 
     record: dict[str, Any]
     gate: GateResult | None = field(default=None)
+    baseline: dict[str, Any] | None = None
 
     @property
     def passed(self) -> bool:
         return self.gate is None or self.gate.passed
-
-
-def parse_backends(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:
-    """``onnx`` first, then ``pytorch`` if asked for (values may be comma-separated).
-
-    Raises:
-        UsageError: An unknown backend.
-    """
-    from llmtool.evaluate.throughput import BACKENDS
-
-    names = [v.strip() for item in values for v in item.split(",") if v.strip()]
-    for name in names:
-        if name not in BACKENDS:
-            raise UsageError(f"Unknown backend {name!r}", f"use one of {', '.join(BACKENDS)}.")
-    return ("onnx", "pytorch") if "pytorch" in names else ("onnx",)
 
 
 @contextlib.contextmanager
@@ -119,17 +59,6 @@ def torch_threads(threads: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(previous)
-
-
-def _check_options(options: EvalOptions) -> None:
-    if options.data is None and not options.throughput:
-        raise UsageError(
-            "Nothing to evaluate", "pass --data FILE for perplexity, --throughput, or both."
-        )
-    if options.reference is not None and options.data is None and "pytorch" not in options.backends:
-        raise UsageError("--reference compares perplexity and needs --data", "add --data FILE.")
-    if "pytorch" in options.backends and not options.throughput:
-        raise UsageError("--backend pytorch applies to --throughput", "add --throughput.")
 
 
 def _pytorch_spec(model: Any, options: EvalOptions) -> str:
@@ -157,6 +86,9 @@ class Settings:
         corpus: The documents to score (None without ``--data``).
         protocol: The perplexity protocol (None without ``--data``).
         pytorch_spec: The PyTorch model of ``--backend pytorch`` (None without it).
+        prompt_lengths: The scenarios' prompt lengths, fitted to the context when defaulted.
+        new_tokens: The scenarios' new tokens, fitted likewise.
+        shapes_note: What fitting the default shapes changed (None: nothing).
     """
 
     model: OnnxCausalLM
@@ -164,6 +96,9 @@ class Settings:
     corpus: Corpus | None = None
     protocol: Protocol | None = None
     pytorch_spec: str | None = None
+    prompt_lengths: tuple[int, ...] = defaults.THROUGHPUT_PROMPT_LENGTHS
+    new_tokens: int = defaults.THROUGHPUT_NEW_TOKENS
+    shapes_note: str | None = None
 
 
 def resolve(model_dir: str | Path, options: EvalOptions, progress: ProgressFn) -> Settings:
@@ -175,7 +110,7 @@ def resolve(model_dir: str | Path, options: EvalOptions, progress: ProgressFn) -
     from llmtool.evaluate.data import load_corpus
     from llmtool.evaluate.perplexity import check_max_length
     from llmtool.evaluate.protocols import make_protocol
-    from llmtool.evaluate.throughput import plan_scenarios
+    from llmtool.evaluate.throughput import fit_default_shapes, plan_scenarios
     from llmtool.runtime.model import OnnxCausalLM
     from llmtool.runtime.session import SessionOptions
 
@@ -189,17 +124,20 @@ def resolve(model_dir: str | Path, options: EvalOptions, progress: ProgressFn) -
     model = OnnxCausalLM(model_dir, options.provider, options=session_options)
     settings = Settings(model, session_options)
     if options.data is not None:
-        settings.corpus = load_corpus(options.data, options.text_field)
-        max_length = check_max_length(model, options.max_length)
+        settings.corpus = load_corpus(options.data, options.text_field, options.preprocess)
+        max_length = check_max_length(model, options.max_length, options.protocol)
         settings.protocol = make_protocol(
             options.protocol, model.tokenizer, max_length, options.stride
         )
     if options.throughput:
+        settings.prompt_lengths, settings.new_tokens, settings.shapes_note = fit_default_shapes(
+            model.max_positions, options.prompt_lengths, options.new_tokens
+        )
         plan_scenarios(
             model,
             options.batch_sizes,
-            options.prompt_lengths,
-            options.new_tokens,
+            settings.prompt_lengths,
+            settings.new_tokens,
             options.warmup,
             options.repeats,
         )
@@ -240,14 +178,17 @@ def eval_config(
             "protocol": protocol.name,
             "max_length": protocol.max_length,
             "stride": protocol.stride,
+            "preprocess": corpus.preprocess,
+            "max_tokens": options.max_tokens,
             "reference": options.reference,
         },
         "throughput": None
         if not options.throughput
         else {
             "batch_sizes": list(options.batch_sizes),
-            "prompt_lengths": list(options.prompt_lengths),
-            "new_tokens": options.new_tokens,
+            "prompt_lengths": list(settings.prompt_lengths),
+            "new_tokens": settings.new_tokens,
+            "shapes_note": settings.shapes_note,
             "warmup": options.warmup,
             "repeats": options.repeats,
             "backends": list(options.backends),
@@ -276,6 +217,15 @@ def measure_perplexity(
             settings.session_options,
             allow_pickle=options.allow_pickle,
         )
+    label = ["Scoring"]
+
+    def on_plan(plan: Plan) -> None:
+        # Said up front: how much will be scored, so a user can bound a long run.
+        label[0] = f"Scoring {len(plan.passes):,} windows, {plan.tokens:,} tokens"
+        if plan.truncated:
+            label[0] += f" (--max-tokens {options.max_tokens:,})"
+        progress(label[0], 0, len(plan.passes))
+
     with torch_threads(options.threads if reference is not None else 0):
         result = evaluate_perplexity(
             settings.model,
@@ -284,7 +234,9 @@ def measure_perplexity(
             stride=protocol.stride if protocol.name == "hf" else None,
             protocol=protocol.name,
             reference=reference,
-            on_window=lambda done, total: progress("Scoring", done, total),
+            max_tokens=options.max_tokens,
+            on_plan=on_plan,
+            on_window=lambda done, total: progress(label[0], done, total),
         )
     return result.to_dict(), reference
 
@@ -352,7 +304,7 @@ def run_eval(
         if on_progress is not None:
             on_progress(description, done, total)
 
-    _check_options(options)
+    check_options(options)
     tolerance = tolerance or Tolerance()
     baseline_record = read_baseline(baseline) if baseline is not None else None
     settings = resolve(model_dir, options, progress)
@@ -363,8 +315,8 @@ def run_eval(
 
     scenarios: dict[str, Any] = {
         "batch_sizes": options.batch_sizes,
-        "prompt_lengths": options.prompt_lengths,
-        "new_tokens": options.new_tokens,
+        "prompt_lengths": settings.prompt_lengths,
+        "new_tokens": settings.new_tokens,
         "warmup": options.warmup,
         "repeats": options.repeats,
         "on_scenario": lambda label, done, total: progress(f"Timing {label}", done, total),
@@ -390,4 +342,4 @@ def run_eval(
     if baseline_record is not None:
         gate = compare(baseline_record, record, tolerance, str(baseline))
         record["gate"] = gate.to_dict()
-    return EvalReport(record, gate)
+    return EvalReport(record, gate, baseline_record)

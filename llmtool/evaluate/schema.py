@@ -40,6 +40,7 @@ METRIC: dict[str, Any] = {
         "higher_is_better": {"type": "boolean"},
         "gate": {"enum": ["perplexity", "throughput", "count", None]},
         "standard_error": _NULLABLE_NUMBER,
+        "spread": _NULLABLE_NUMBER,
     },
 }
 
@@ -129,7 +130,7 @@ SCENARIO: dict[str, Any] = {
                 "peak_bytes_per_s": _NULLABLE_NUMBER,
                 "peak_source": {"type": ["string", "null"]},
                 "utilization": _NULLABLE_NUMBER,
-                "bound": {"enum": ["bandwidth", "launch", None]},
+                "bound": {"enum": ["bandwidth", "launch", "cache", None]},
             },
         },
         "runs": {
@@ -163,6 +164,7 @@ GATE: dict[str, Any] = {
                     "change": _NULLABLE_NUMBER,
                     "limit": {"type": "string"},
                     "status": {"enum": ["better", "same", "within tolerance", "worse", "info"]},
+                    "decided_by": {"enum": ["", "tolerance", "paired noise", "spread of repeats"]},
                 },
             },
         },
@@ -257,6 +259,10 @@ SCHEMA: dict[str, Any] = {
                 },
             },
         },
+        # Optional within version 1 (added later): the per-window sums the gate pairs.
+        "window_nll": {"type": "array", "items": _NUMBER},
+        "window_tokens": {"type": "array", "items": _COUNT},
+        "preprocess": {"enum": ["wikitext", None]},
         "reference": REFERENCE,
         "throughput": {
             "type": "object",

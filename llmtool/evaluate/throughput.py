@@ -10,9 +10,10 @@ is timed step by step, each step ending when its tokens are on the host:
 * peak host RSS of the process over the timed runs and the device memory in use (NVML for ONNX
   Runtime on CUDA, the allocator's peak for PyTorch on CUDA),
 * memory-bandwidth utilization: (weight bytes + KV-cache bytes read per decode step) × steps/s
-  over the device's peak bandwidth (:func:`llmtool.hardware.peak_bandwidth`). At or above
-  :data:`~llmtool.defaults.BANDWIDTH_BOUND_UTILIZATION` a run is bandwidth-bound; below it the
-  per-step overheads (kernel launches, host work) dominate: launch-bound.
+  over the device's peak bandwidth (:func:`llmtool.hardware.peak_bandwidth`), and what bounds
+  decoding (:func:`classify_bound`: ``cache`` when a step's bytes fit in the last-level cache,
+  ``bandwidth`` at or above :data:`~llmtool.defaults.BANDWIDTH_BOUND_UTILIZATION` of the peak,
+  else ``launch``).
 
 Throughput figures are "best of repeats" (the least disturbed run) with the median beside them.
 """
@@ -30,79 +31,20 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
-from llmtool.errors import UsageError
-from llmtool.hardware import PeakRss, gpu_memory_used, peak_bandwidth
+
+# Re-exported: the scenarios were planned here first.
+from llmtool.evaluate.scenarios import (  # noqa: F401
+    Scenario,
+    fit_default_shapes,
+    parse_sizes,
+    plan_scenarios,
+)
+from llmtool.hardware import PeakRss, cpu_cache_bytes, gpu_memory_used, peak_bandwidth
 from llmtool.manifest import CacheSpec
 from llmtool.runtime.decoders import cache_length
 from llmtool.runtime.model import OnnxCausalLM
 
 BACKENDS = ("onnx", "pytorch")
-
-
-@dataclass(frozen=True)
-class Scenario:
-    """One shape: ``batch_size`` rows of ``prompt_length`` tokens, ``new_tokens`` generated each."""
-
-    batch_size: int
-    prompt_length: int
-    new_tokens: int
-
-    @property
-    def key(self) -> str:
-        """``b{batch}.p{prompt}.n{new}``: names the scenario in metrics and the gate."""
-        return f"b{self.batch_size}.p{self.prompt_length}.n{self.new_tokens}"
-
-
-def parse_sizes(text: str, option: str) -> tuple[int, ...]:
-    """Positive integers from ``"1,8"``.
-
-    Raises:
-        UsageError: Not a comma-separated list of positive integers.
-    """
-    try:
-        values = tuple(int(x) for x in text.split(",") if x.strip())
-    except ValueError:
-        values = ()
-    if not values or min(values) < 1:
-        raise UsageError(f"{option} takes positive integers separated by commas, got {text!r}")
-    return values
-
-
-def plan_scenarios(
-    model: OnnxCausalLM,
-    batch_sizes: Sequence[int],
-    prompt_lengths: Sequence[int],
-    new_tokens: int,
-    warmup: int,
-    repeats: int,
-) -> list[Scenario]:
-    """Every batch size × prompt length, checked against the model's context.
-
-    Raises:
-        UsageError: Bad counts, or a prompt plus new tokens longer than the context.
-    """
-    if new_tokens < 2:
-        raise UsageError(
-            f"--new-tokens must be at least 2 (one prefill token and one decode step), got {new_tokens}"
-        )
-    if warmup < 0 or repeats < 1:
-        raise UsageError(
-            f"--warmup must be 0 or more and --repeats 1 or more, got {warmup} and {repeats}"
-        )
-    if not batch_sizes or not prompt_lengths or min(*batch_sizes, *prompt_lengths) < 1:
-        raise UsageError("--batch-sizes and --prompt-lengths take positive integers")
-    longest = max(prompt_lengths) + new_tokens
-    if model.max_positions and longest > model.max_positions:
-        raise UsageError(
-            f"A prompt of {max(prompt_lengths)} tokens plus {new_tokens} new tokens exceeds the "
-            f"model's context of {model.max_positions} tokens",
-            "lower --prompt-lengths or --new-tokens.",
-        )
-    return [
-        Scenario(b, p, new_tokens)
-        for b in dict.fromkeys(batch_sizes)
-        for p in dict.fromkeys(prompt_lengths)
-    ]
 
 
 @dataclass
@@ -211,6 +153,32 @@ class TorchBackend:
         return int(self.torch.cuda.max_memory_allocated()) if self.device == "cuda" else None
 
 
+def classify_bound(
+    bytes_per_step: int, utilization: float | None, cache_bytes: int | None
+) -> str | None:
+    """What limits decoding, from the bytes a step reads, the measured utilization and the cache.
+
+    * ``cache``: weights and KV cache fit in the last-level cache, so main-memory bandwidth is
+      not what a step waits for (its "utilization" of DRAM bandwidth means nothing);
+    * ``bandwidth``: the step streams more than the cache holds and reaches at least
+      :data:`~llmtool.defaults.BANDWIDTH_BOUND_UTILIZATION` of the peak;
+    * ``launch``: neither; per-step overheads (kernel launches, host work) dominate.
+
+    None when the peak bandwidth is unknown.
+    """
+    if cache_bytes and bytes_per_step <= cache_bytes:
+        return "cache"
+    if utilization is None:
+        return None
+    return "bandwidth" if utilization >= defaults.BANDWIDTH_BOUND_UTILIZATION else "launch"
+
+
+def _spread(values: Sequence[float]) -> float:
+    """(best − worst) / best of the repeats' tok/s: the run-to-run noise the gate allows."""
+    best = max(values)
+    return (best - min(values)) / best if best > 0 else 0.0
+
+
 def _percentile(values: np.ndarray, q: float) -> float:
     return float(np.percentile(values, q)) if len(values) else 0.0
 
@@ -242,9 +210,7 @@ def summarize(
     best_decode = min(decode)
     bytes_per_s = bytes_per_step * (n - 1) / best_decode if best_decode > 0 else 0.0
     utilization = bytes_per_s / peak["bytes_per_s"] if peak.get("bytes_per_s") else None
-    bound = None
-    if utilization is not None:
-        bound = "bandwidth" if utilization >= defaults.BANDWIDTH_BOUND_UTILIZATION else "launch"
+    bound = classify_bound(bytes_per_step, utilization, peak.get("cache_bytes"))
     return {
         "key": scenario.key,
         "backend": backend.name,
@@ -256,8 +222,13 @@ def summarize(
         "prefill_tokens_per_s": {
             "best": max(prefill_tps),
             "median": statistics.median(prefill_tps),
+            "spread": _spread(prefill_tps),
         },
-        "decode_tokens_per_s": {"best": max(decode_tps), "median": statistics.median(decode_tps)},
+        "decode_tokens_per_s": {
+            "best": max(decode_tps),
+            "median": statistics.median(decode_tps),
+            "spread": _spread(decode_tps),
+        },
         "inter_token_latency_s": {
             "p50": _percentile(steps, 50),
             "p90": _percentile(steps, 90),
@@ -298,6 +269,10 @@ def measure(
     return runs, rss.peak, backend.device_memory()
 
 
+def _cache_bytes(device: str) -> int | None:
+    return cpu_cache_bytes() if device == "cpu" else None
+
+
 def measure_throughput(
     model: OnnxCausalLM,
     *,
@@ -332,7 +307,10 @@ def measure_throughput(
     backends: list[Any] = [OnnxBackend(model)] if onnx else []
     if pytorch is not None:
         backends.append(TorchBackend(pytorch, pytorch_device))
-    peaks = {b.device: peak_bandwidth(b.device) for b in backends}
+    peaks = {
+        b.device: {**peak_bandwidth(b.device), "cache_bytes": _cache_bytes(b.device)}
+        for b in backends
+    }
     results: list[dict[str, Any]] = []
     total = len(plan) * len(backends)
     for backend in backends:
