@@ -216,15 +216,16 @@ STATUS_STYLE = {"worse": "red", "better": "green", "within tolerance": "yellow"}
 def rich_tables(record: dict[str, Any]) -> list[Any]:
     """The sections as Rich tables."""
     from rich.table import Table
+    from rich.text import Text
 
     tables = []
-    for s in sections(record):
-        table = Table(title=s.title, caption=s.caption)
+    for s in sections(record):  # all plain text: passed as Text, never parsed as markup
+        table = Table(title=Text(s.title), caption=Text(s.caption) if s.caption else None)
         for i, name in enumerate(s.columns):
-            table.add_column(name, justify="left" if i == 0 else "right", overflow="fold")
+            table.add_column(Text(name), justify="left" if i == 0 else "right", overflow="fold")
         for row in s.rows:
             style = STATUS_STYLE.get(row[-1]) if s.columns[-1] == "status" else None
-            table.add_row(*row, style=style)
+            table.add_row(*(Text(cell) for cell in row), style=style)
         tables.append(table)
     return tables
 
