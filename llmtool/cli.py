@@ -383,9 +383,8 @@ def eval_cmd(
     regressed against --baseline; 2 bad input, or a baseline measured with another config
     (data hash, protocol, window, dtype, throughput shapes).
     """
-    from rich.progress import Progress
-
     from rich.markup import escape
+    from rich.progress import Progress
 
     from llmtool.console import console, dim, err_console
     from llmtool.errors import RegressionError

@@ -104,10 +104,7 @@ def _decode_rate(timing: dict[str, Any]) -> str:
 def timing_line(result: dict[str, Any], output: dict[str, Any]) -> Text:
     """The dim line under a streamed generation: tokens, provider, first token, decode rate."""
     timing = result["timing"]
-    if output["new_tokens"] <= 1:
-        rate = "ended at its first token"
-    else:
-        rate = _decode_rate(timing)
+    rate = "ended at its first token" if output["new_tokens"] <= 1 else _decode_rate(timing)
     return Text(
         f"{_tokens(output['new_tokens'])} · {result['provider']} · first token "
         f"{timing['prefill_s'] * 1000:.0f} ms · {rate}",
