@@ -217,15 +217,6 @@ def test_resume_needs_only_out_and_refuses_changed_data(tmp_path):
     assert fresh.exit_code == 2 and "--data" in fresh.stderr
 
 
-def test_interrupted_train_hint_is_a_command_that_works():
-    import inspect
-
-    from llmtool import cli
-
-    source = inspect.getsource(cli.train_cmd)
-    assert "--resume --out" in source  # the hint; test_resume_needs_only_out runs it
-
-
 def test_special_tokens_inside_the_text_are_kept(tokenizer):
     import copy
 
