@@ -50,9 +50,11 @@ def _main(
 
 
 def _fail(message: str, code: int) -> None:
+    from rich.text import Text
+
     from llmtool.console import err_console
 
-    err_console.print(f"[bold red]Error:[/] {message}", soft_wrap=True)
+    err_console.print(Text.assemble(("Error:", "bold red"), " ", message), soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -158,7 +160,7 @@ def export_cmd(
 
     Exits 1, writing nothing, when ONNX Runtime and PyTorch disagree beyond tolerance.
     """
-    from llmtool.console import console, err_console
+    from llmtool.console import console, err_console, plain
     from llmtool.export.pipeline import export_model
     from llmtool.reports import export_table
 
@@ -175,7 +177,7 @@ def export_cmd(
             calibration=calibration,
             force=force,
             allow_pickle=allow_pickle,
-            on_stage=lambda s: status.update(s),
+            on_stage=lambda s: status.update(plain(s)),
         )
     if as_json:
         _print_json({"out": str(result.out), "seconds": result.seconds, **result.manifest})
@@ -190,12 +192,9 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
     if prompt_file is not None:
         if not prompt_file.is_file():
             raise UsageError(f"Prompt file {prompt_file} does not exist")
-        try:
-            lines = prompt_file.read_text(encoding="utf-8").splitlines()
-        except UnicodeDecodeError as e:
-            raise UsageError(
-                f"{prompt_file} is not valid UTF-8 (bad byte at offset {e.start})"
-            ) from e
+        from llmtool.fsutil import decode_text
+
+        lines = decode_text(prompt_file.read_bytes(), prompt_file).splitlines()
         from_file = [line for line in lines if line.strip()]
         if not from_file:
             raise UsageError(
@@ -243,9 +242,9 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
-    from llmtool.console import console, err_console
-    from llmtool.generate import generate
-    from llmtool.reports import generation_table
+    from llmtool.console import console, dim, err_console, plain
+    from llmtool.generate import check_request, generate
+    from llmtool.reports import generation_table, timing_line
     from llmtool.runtime.model import OnnxCausalLM
     from llmtool.runtime.session import SessionOptions
     from llmtool.sampling import SamplingConfig
@@ -255,6 +254,9 @@ def generate_cmd(
         strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
     )
     sampling.validate()
+    # Options and prompt lengths first: the manifest and tokenizer know the context, the
+    # (slow) session is not needed to refuse a request.
+    check_request(model_dir, prompts, max_new_tokens)
     session_options = SessionOptions(
         intra_op_threads=threads,
         graph_optimization=graph_optimization,
@@ -262,13 +264,13 @@ def generate_cmd(
         huge_pages=huge_pages,
     )
     model = OnnxCausalLM(model_dir, provider, options=session_options)
-    err_console.print(f"[dim]Running on {model.provider.upper()} ({model.directory.name})[/]")
+    err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
     streaming = stream and not as_json and len(prompts) == 1
     if streaming:
-        console.print(prompts[0], style="bold", end="")
+        console.print(plain(prompts[0], "bold"), end="")
 
     def on_text(row: int, text: str) -> None:
-        console.print(text, end="", markup=False, highlight=False)
+        console.print(plain(text), end="")
 
     result = generate(
         model,
@@ -283,11 +285,7 @@ def generate_cmd(
         return
     if streaming:
         console.print()
-        t = result["timing"]
-        err_console.print(
-            f"[dim]{result['outputs'][0]['new_tokens']} tokens · {result['provider']} · first token "
-            f"{t['prefill_s'] * 1000:.0f} ms · decode {t['decode_tokens_per_s']:.1f} tok/s[/]"
-        )
+        err_console.print(timing_line(result, result["outputs"][0]))
     else:
         console.print(generation_table(result))
 
@@ -430,7 +428,9 @@ def eval_cmd(
     regressed against --baseline; 2 bad input, or a baseline measured with another config
     (data hash, protocol, window, dtype, throughput shapes).
     """
-    from llmtool.console import console, err_console
+    from rich.markup import escape
+
+    from llmtool.console import console, dim, err_console
     from llmtool.errors import RegressionError
     from llmtool.evaluate.gate import parse_tolerance
     from llmtool.evaluate.render import check_plot_path, rich_tables, write_reports
@@ -471,7 +471,7 @@ def eval_cmd(
             baseline=baseline,
             tolerance=parse_tolerance(tolerance),
             on_progress=lambda text, done, total: progress.update(
-                task, description=text, completed=done, total=total
+                task, description=escape(text), completed=done, total=total
             ),
         )
     for table in rich_tables(report.record):
@@ -483,7 +483,7 @@ def eval_cmd(
         plot_path=plot_path,
         baseline=report.baseline,
     ):
-        err_console.print(f"[dim]Wrote {path}[/]")
+        err_console.print(dim(f"Wrote {path}"), soft_wrap=True)
     if report.gate is not None and not report.gate.passed:
         worse = [row.metric for row in report.gate.failed]
         raise RegressionError(
@@ -495,7 +495,11 @@ def eval_cmd(
 @app.command("train")
 @handle_errors
 def train_cmd(
-    data: Path = typer.Option(..., "--data", help="UTF-8 text file or directory of .txt files."),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help="UTF-8 text file or directory of .txt files (with --resume: the checkpoint's).",
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (or --resume)."),
     arch: str | None = typer.Option(
         None, help=f"llama, gpt2, lstm or rnn (default: {defaults.TRAIN_ARCH})."
@@ -539,7 +543,7 @@ def train_cmd(
         TimeRemainingColumn,
     )
 
-    from llmtool.console import console, err_console
+    from llmtool.console import console, dim, err_console
     from llmtool.reports import train_table
     from llmtool.train import TrainOptions, TrainProgress, train_model
 
@@ -556,7 +560,7 @@ def train_cmd(
         task = progress.add_task("Preparing", total=None, loss="-", ppl="-", tps="-")
 
         def on_stage(text: str) -> None:
-            progress.console.print(f"[dim]{text}[/]", markup=True, highlight=False)
+            progress.console.print(dim(text))
 
         def on_step(p: TrainProgress) -> None:
             progress.update(

@@ -95,13 +95,14 @@ class GenerationResult:
 class Detokenizer:
     """Incremental detokenization: emits only complete new text (no half UTF-8 characters)."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: Any, eos: Sequence[int] = ()) -> None:
         self.tokenizer = tokenizer
+        self.eos = eos
         self.emitted = ""
 
     def push(self, token_ids: list[int]) -> str:
         """The text ``token_ids`` add to what was emitted ("" while a character is incomplete)."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        text = decode_new_tokens(self.tokenizer, token_ids, self.eos)
         if text.endswith("\ufffd") or not text.startswith(self.emitted):
             return ""
         delta, self.emitted = text[len(self.emitted) :], text
@@ -114,13 +115,74 @@ class Detokenizer:
         return delta
 
 
+def decode_new_tokens(tokenizer: Any, token_ids: Sequence[int], eos: Sequence[int]) -> str:
+    """The text of generated tokens: a final stop token is dropped, nothing else is.
+
+    Special tokens inside the text stay (``<|im_start|>assistant``, an EOS that ``--ignore-eos``
+    went past): stripping them would leave their neighbours (bare role words) looking like
+    ordinary text.
+    """
+    ids = list(token_ids)
+    if ids and ids[-1] in eos:
+        ids = ids[:-1]
+    return str(tokenizer.decode(ids, skip_special_tokens=False))
+
+
 Prompt = str | Sequence[int]
+
+
+def check_request(
+    directory: str | Path, prompts: Sequence[Prompt], max_new_tokens: int
+) -> list[list[int]]:
+    """Check a generation request against an export's manifest and tokenizer, no session opened.
+
+    Returns:
+        The token ids of each prompt.
+
+    Raises:
+        UsageError: Not an export, ``max_new_tokens`` < 1, or a prompt that is empty, outside
+            the vocabulary or too long for the context.
+    """
+    from llmtool.manifest import Manifest
+    from llmtool.models.loading import ModelSpec, load_tokenizer
+
+    check_max_new_tokens(max_new_tokens)
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise UsageError(
+            f"Export directory {directory} does not exist",
+            "create it with `llmtool export MODEL --out DIR`.",
+        )
+    contract = Manifest.read(directory)
+    tokenizer = load_tokenizer(ModelSpec("hf_dir", directory, None, str(directory)))
+    return tokenize_checked(
+        tokenizer, prompts, max_new_tokens, contract.vocab_size, contract.max_positions
+    )
+
+
+def check_max_new_tokens(max_new_tokens: int) -> None:
+    """Raises: UsageError: ``max_new_tokens`` < 1."""
+    if max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
 
 
 def tokenize_prompts(
     model: OnnxCausalLM, prompts: Sequence[Prompt], max_new_tokens: int
 ) -> list[list[int]]:
     """Token ids of each prompt (text is tokenized, id lists pass through), checked against the context."""
+    return tokenize_checked(
+        model.tokenizer, prompts, max_new_tokens, model.vocab_size, model.max_positions
+    )
+
+
+def tokenize_checked(
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    vocab_size: int,
+    max_positions: int | None,
+) -> list[list[int]]:
+    """Token ids of each prompt, checked against the vocabulary and the context."""
     if not prompts:
         raise UsageError("No prompt given", "pass --prompt TEXT or --prompt-file FILE.")
     rows = []
@@ -128,21 +190,19 @@ def tokenize_prompts(
         if isinstance(prompt, str):
             if not prompt.strip():
                 raise UsageError("A prompt is empty", "give every --prompt some text.")
-            ids = list(model.tokenizer(prompt)["input_ids"])
+            ids = list(tokenizer(prompt)["input_ids"])
         else:
             ids = [int(t) for t in prompt]
         if not ids:
             raise UsageError(
                 f"The prompt {str(prompt)[:40]!r} encodes to no tokens", "give it some text."
             )
-        if max(ids) >= model.vocab_size or min(ids) < 0:
-            raise UsageError(
-                f"A prompt holds token ids outside the vocabulary of {model.vocab_size}"
-            )
-        if model.max_positions and len(ids) + max_new_tokens > model.max_positions:
+        if max(ids) >= vocab_size or min(ids) < 0:
+            raise UsageError(f"A prompt holds token ids outside the vocabulary of {vocab_size}")
+        if max_positions and len(ids) + max_new_tokens > max_positions:
             raise UsageError(
                 f"A prompt of {len(ids)} tokens plus {max_new_tokens} new tokens exceeds the model's "
-                f"context of {model.max_positions} tokens",
+                f"context of {max_positions} tokens",
                 "shorten the prompt or lower --max-new-tokens.",
             )
         rows.append(ids)
@@ -191,6 +251,7 @@ def stream_tokens(
     tokenizer: Any,
     batch: int,
     on_text: TextCallback | None,
+    eos: Sequence[int] = (),
 ) -> Streamed:
     """The streaming layer: collect each row's tokens, call ``on_text`` as its text grows, time.
 
@@ -198,7 +259,7 @@ def stream_tokens(
     later step, streaming included.
     """
     generated: list[list[int]] = [[] for _ in range(batch)]
-    detok = [Detokenizer(tokenizer) for _ in range(batch)]
+    detok = [Detokenizer(tokenizer, eos) for _ in range(batch)]
     decode_tokens = 0
     start = time.perf_counter()
     prefill_s = decode_start = 0.0
@@ -227,7 +288,7 @@ def finish_outputs(
     outputs = []
     for row, (prompt, ids) in enumerate(zip(prompts, streamed.generated, strict=True)):
         stopped = bool(ids) and ids[-1] in eos
-        text = tokenizer.decode(ids, skip_special_tokens=True)
+        text = decode_new_tokens(tokenizer, ids, eos.tolist())
         if on_text is not None and (rest := streamed.detokenizers[row].flush(text)):
             on_text(row, rest)
         outputs.append(
@@ -271,8 +332,7 @@ def generate(
     Raises:
         UsageError: Bad prompts or parameters.
     """
-    if max_new_tokens < 1:
-        raise UsageError(f"--max-new-tokens must be at least 1, got {max_new_tokens}")
+    check_max_new_tokens(max_new_tokens)
     sampling = sampling or SamplingConfig()
     if not isinstance(model, OnnxCausalLM):
         model = OnnxCausalLM(model, provider, options=session_options)
@@ -284,7 +344,7 @@ def generate(
         len(rows), cache_length(model, max(len(r) for r in rows) + max_new_tokens)
     )
     steps = token_steps(decoder, Sampler(sampling), rows, max_new_tokens, eos, pad_id)
-    streamed = stream_tokens(steps, tokenizer, len(rows), on_text)
+    streamed = stream_tokens(steps, tokenizer, len(rows), on_text, eos.tolist())
     outputs = finish_outputs(prompts, streamed, tokenizer, eos, on_text)
     decode_s, decode_tokens = streamed.decode_s, streamed.decode_tokens
     timing = GenerationTiming(

@@ -9,6 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from rich.table import Table
+from rich.text import Text
+
+# Every string from outside (paths, prompts, generated text) goes in as Text, never as markup.
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -18,18 +21,18 @@ def _fmt(value: float, digits: int = 4) -> str:
 def export_table(manifest: dict[str, Any], out: Path) -> Table:
     """Summary of an export and its validation."""
     v = manifest["validation"]
-    table = Table(title=f"Exported {manifest['model_type']} → {out}", show_header=True)
+    table = Table(title=Text(f"Exported {manifest['model_type']} → {out}"), show_header=True)
     table.add_column("check")
     table.add_column("value", justify="right")
     table.add_column("limit", justify="right")
     table.add_column("", justify="center")
-    ok, bad = "[green]✓[/]", "[red]✗[/]"
+    ok, bad = Text("✓", style="green"), Text("✗", style="red")
     # Quantized exports are gated on their fidelity below, not on fp32 parity.
     gated = v.get("gate", True)
     limit = f"{v['tolerance']:g}" if gated else "(fidelity)"
 
-    def mark(passed: bool) -> str:
-        return (ok if passed else bad) if gated else ""
+    def mark(passed: bool) -> Text:
+        return (ok if passed else bad) if gated else Text("")
 
     for label, diff in (
         ("prefill max |Δlogits|", v["prefill_max_abs_diff"]),
@@ -60,7 +63,7 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
     weights = manifest["dtype"]
     if "quantization" in manifest:
         weights += f" → {manifest['quantization']['mode']} weights"
-    table.caption = (
+    table.caption = Text(
         f"{manifest['parameters'] / 1e6:.1f}M parameters · {weights} · opset {manifest['opset']} · "
         f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} {v.get('padding', 'left')}-padded"
     )
@@ -75,17 +78,43 @@ def generation_table(result: dict[str, Any]) -> Table:
     table.add_column("continuation", overflow="fold")
     table.add_column("tokens", justify="right")
     for out in result["outputs"]:
-        table.add_row(out["prompt"], out["text"], f"{out['new_tokens']} ({out['finish_reason']})")
-    table.caption = (
+        table.add_row(
+            Text(out["prompt"]),
+            Text(out["text"]),
+            f"{_tokens(out['new_tokens'])} ({out['finish_reason']})",
+        )
+    table.caption = Text(
         f"{result['provider']} · time to first token {timing['prefill_s'] * 1000:.0f} ms · "
-        f"decode {timing['decode_tokens_per_s']:.1f} tok/s"
+        + _decode_rate(timing)
     )
     return table
 
 
+def _tokens(n: int) -> str:
+    return f"{n} token" if n == 1 else f"{n} tokens"
+
+
+def _decode_rate(timing: dict[str, Any]) -> str:
+    # No decode step ran when every row stopped at its first token: there is no rate to show.
+    if not timing.get("decode_tokens"):
+        return "every row ended at its first token (no decode step)"
+    return f"decode {timing['decode_tokens_per_s']:.1f} tok/s"
+
+
+def timing_line(result: dict[str, Any], output: dict[str, Any]) -> Text:
+    """The dim line under a streamed generation: tokens, provider, first token, decode rate."""
+    timing = result["timing"]
+    rate = "ended at its first token" if output["new_tokens"] <= 1 else _decode_rate(timing)
+    return Text(
+        f"{_tokens(output['new_tokens'])} · {result['provider']} · first token "
+        f"{timing['prefill_s'] * 1000:.0f} ms · {rate}",
+        style="dim",
+    )
+
+
 def train_table(metrics: dict[str, Any]) -> Table:
     """The result of ``llmtool train``: sizes, perplexity before and after, throughput."""
-    table = Table(title=f"Trained {metrics['arch']} ({metrics['preset']}) → {metrics['out']}")
+    table = Table(title=Text(f"Trained {metrics['arch']} ({metrics['preset']}) → {metrics['out']}"))
     table.add_column("metric")
     table.add_column("value", justify="right")
     table.add_row("parameters", f"{metrics['parameters']:,}")
@@ -96,7 +125,7 @@ def train_table(metrics: dict[str, Any]) -> Table:
     table.add_row("val perplexity at step 0", _fmt(metrics["initial_val_perplexity"], 5))
     table.add_row("val perplexity at the end", _fmt(metrics["final_val_perplexity"], 5))
     table.add_row("training tokens/s", f"{metrics['tokens_per_s']:,.0f}")
-    table.caption = (
+    table.caption = Text(
         f"{metrics['machine']['device']} · {metrics['wall_seconds']:.0f} s wall · "
         f"export it with `llmtool export {metrics['out']} --out DIR`"
     )

@@ -251,18 +251,21 @@ STATUS_STYLE = {"worse": "red", "better": "green", "within tolerance": "yellow"}
 def rich_tables(record: dict[str, Any]) -> list[Any]:
     """The sections as Rich tables."""
     from rich.table import Table
+    from rich.text import Text
 
     tables = []
-    for s in sections(record):
-        table = Table(title=s.title, caption=s.caption)
+    for s in sections(record):  # all plain text: passed as Text, never parsed as markup
+        table = Table(title=Text(s.title), caption=Text(s.caption) if s.caption else None)
         for i, name in enumerate(s.columns):
             # The first column (metric names) never folds mid-word; the numbers do first.
             table.add_column(
-                name, justify="left" if i == 0 else "right", overflow="fold", no_wrap=i == 0
+                Text(name), justify="left" if i == 0 else "right", overflow="fold", no_wrap=i == 0
             )
         for row in s.rows:
             style = STATUS_STYLE.get(row[-1].split(" (")[0]) if s.columns[-1] == "status" else None
-            table.add_row(_break_at_dots(row[0]), *row[1:], style=style)
+            table.add_row(
+                Text(_break_at_dots(row[0])), *(Text(cell) for cell in row[1:]), style=style
+            )
         tables.append(table)
     return tables
 

@@ -71,7 +71,7 @@ class _Run:
 
 
 def train_model(
-    data: str | Path,
+    data: str | Path | None,
     out: str | Path,
     options: TrainOptions | None = None,
     *,
@@ -84,7 +84,8 @@ def train_model(
     """Train a small causal LM on a text corpus and write a Hugging Face-style directory.
 
     Args:
-        data: A UTF-8 text file or a directory of ``.txt`` files.
+        data: A UTF-8 text file or a directory of ``.txt`` files; None on resume: the data the
+            checkpoint was trained on (refused if it changed since).
         out: The directory to create (or, with ``resume``, to continue).
         options: Arch, preset, schedule and sizes; fields left None take the preset's value
             (``arch`` defaults to ``llama``, ``preset`` to ``tiny``), or on resume the
@@ -108,6 +109,7 @@ def train_model(
     wall_start = time.perf_counter()
     out = Path(out).expanduser()
     run_options, checkpoint = open_run(out, options or TrainOptions(), resume=resume, force=force)
+    data = _data_path(data, checkpoint)
     dev = resolve_device(device)
     amp = autocast_dtype(dev)
     if dev.type == "cuda":
@@ -116,6 +118,7 @@ def train_model(
     tokenizer, splits = _prepare_data(data, out, run_options, checkpoint, stage)
     stage(f"Building the {run_options.arch} model")
     run = _build_run(run_options, tokenizer, splits, dev, amp, checkpoint, stage)
+    run.record["data"] = str(data.resolve())  # resume reads it again, checked by fingerprint
     if not run.state.curve:
         stage("Measuring the untrained model")
         _add_point(run, None)
@@ -138,8 +141,22 @@ def train_model(
     )
 
 
+def _data_path(data: str | Path | None, checkpoint: Checkpoint | None) -> Path:
+    """The corpus to read: ``data``, or on resume the one the checkpoint recorded.
+
+    Raises:
+        UsageError: No ``data`` for a new run, or a resume of a checkpoint that names none.
+    """
+    if data is not None:
+        return Path(data).expanduser()
+    recorded = checkpoint.data.get("data") if checkpoint is not None else None
+    if recorded is None:
+        raise UsageError("No --data given", "pass --data FILE (the text to train on).")
+    return Path(recorded)
+
+
 def _prepare_data(
-    data: str | Path,
+    data: Path,
     out: Path,
     options: RunOptions,
     checkpoint: Checkpoint | None,
