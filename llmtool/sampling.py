@@ -144,9 +144,7 @@ class Sampler:
     def needs_logits(self) -> bool:
         """False when greedy can read the argmax alone (on the device for fused exports)."""
         c = self.config
-        return (
-            c.strategy != "greedy" or c.has_processors or c.structured or c.logprobs is not None
-        )
+        return c.strategy != "greedy" or c.has_processors or c.structured or c.logprobs is not None
 
     def begin(self, prompts: Sequence[Sequence[int]]) -> None:
         """Start the rows: the prompts are the processors' history; fresh grammar matchers."""
@@ -244,7 +242,9 @@ class Sampler:
         n = self.config.logprobs or 0
         where = np.flatnonzero(ids == token)
         chosen = float(logp[where[0]]) if where.size else float("-inf")
-        top = [{"token": int(t), "logprob": float(lp)} for t, lp in zip(ids[:n], logp[:n])]
+        top = [
+            {"token": int(t), "logprob": float(lp)} for t, lp in zip(ids[:n], logp[:n], strict=True)
+        ]
         self.logprobs[i].append({"token": token, "logprob": chosen, "top": top})
 
     def token_logprobs(self, row: int, count: int) -> list[dict[str, Any]] | None:

@@ -213,3 +213,42 @@ def test_regex_outputs_match(onnx_model):
 def test_bad_settings_are_usage_errors(kwargs, match):
     with pytest.raises(UsageError, match=match):
         SamplingConfig(**kwargs).validate()
+
+
+def test_cli_schema_logprobs_json(tiny_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(SCHEMA))
+    args = ["generate", str(tiny_export[1]), "-p", "A ship", "--provider", "cpu", "--json"]
+    args += ["--json-schema", str(schema), "--strategy", "top-k", "--max-new-tokens", "80"]
+    args += ["--logprobs", "2", "--repetition-penalty", "1.1", "--min-p", "0.05"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    out = data["outputs"][0]
+    assert json.loads(out["text"]).keys() == SCHEMA["properties"].keys()
+    assert len(out["logprobs"]) == out["new_tokens"]
+    assert all(len(r["top"]) <= 2 and r["logprob"] <= 0 for r in out["logprobs"])
+    assert data["sampling"]["min_p"] == 0.05
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repetition-penalty", "-1"], "--repetition-penalty must be greater than 0"),
+        (["--presence-penalty", "3"], "--presence-penalty must be in [-2, 2]"),
+        (["--regex", "a("], "The regex cannot be compiled"),
+        (["--json-schema", "/nonexistent.json"], "Cannot read the JSON schema"),
+    ],
+)
+def test_cli_bad_settings_exit_2(tiny_export, args, message):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "llmtool", "generate", str(tiny_export[1]), "-p", "hi", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert message in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -22,7 +22,7 @@ from llmtool.errors import UsageError
 def _llguidance() -> Any:
     try:
         import llguidance
-        import llguidance.numpy  # noqa: F401  (the bitmask helpers)
+        import llguidance.numpy  # the bitmask helpers
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise UsageError(
             "Structured output needs llguidance", "pip install 'llmtool[structured]'."
@@ -49,9 +49,7 @@ def compile_grammar(json_schema: str | dict[str, Any] | None, regex: str | None)
                 schema, defaults={"whitespace_flexible": False}
             )
         except (ValueError, TypeError) as exc:
-            raise UsageError(
-                f"The JSON schema is not valid JSON: {exc}", "fix the file."
-            ) from exc
+            raise UsageError(f"The JSON schema is not valid JSON: {exc}", "fix the file.") from exc
     else:
         what = "regex"
         grammar = llg.LLMatcher.grammar_from_regex(regex)
