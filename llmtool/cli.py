@@ -206,6 +206,18 @@ def _read_prompts(prompts: list[str], prompt_file: Path | None) -> list[str]:
     return collected
 
 
+def _read_schema(path: Path | None) -> str | None:
+    """The text of a --json-schema file (None without one)."""
+    if path is None:
+        return None
+    from llmtool.errors import UsageError
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(f"Cannot read the JSON schema {path}: {exc.strerror}") from exc
+
+
 @app.command("generate")
 @handle_errors
 def generate_cmd(
@@ -240,6 +252,20 @@ def generate_cmd(
         False, "--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
+    repetition_penalty: float = typer.Option(
+        1.0, help="transformers' penalty on prompt + output tokens, > 0 (1: off)."
+    ),
+    presence_penalty: float = typer.Option(0.0, help="OpenAI presence penalty, in [-2, 2]."),
+    frequency_penalty: float = typer.Option(0.0, help="OpenAI frequency penalty, in [-2, 2]."),
+    min_p: float = typer.Option(0.0, help="Sampling: drop tokens below min-p x top probability."),
+    no_repeat_ngram_size: int = typer.Option(0, help="Never repeat an n-gram of this size."),
+    json_schema: Path | None = typer.Option(
+        None, "--json-schema", metavar="FILE", help="Constrain output to this JSON schema."
+    ),
+    regex: str | None = typer.Option(None, help="Constrain output to this regular expression."),
+    logprobs: int | None = typer.Option(
+        None, help="With --json: each token's log-probability and N alternatives (0-20)."
+    ),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
     from llmtool.console import console, dim, err_console, plain
@@ -251,7 +277,19 @@ def generate_cmd(
 
     prompts = _read_prompts(prompt, prompt_file)
     sampling = SamplingConfig(
-        strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
+        strategy=strategy,
+        top_k=top_k,
+        top_p=top_p,
+        temperature=temperature,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty,
+        min_p=min_p,
+        no_repeat_ngram_size=no_repeat_ngram_size,
+        json_schema=_read_schema(json_schema),
+        regex=regex,
+        logprobs=logprobs,
     )
     sampling.validate()
     # Options and prompt lengths first: the manifest and tokenizer know the context, the

@@ -43,6 +43,7 @@ class GeneratedText:
         token_ids: The generated token ids (EOS included when it was produced).
         new_tokens: ``len(token_ids)``.
         finish_reason: ``eos`` or ``length``.
+        logprobs: Per token, its log-probability and the top alternatives (``logprobs`` set).
     """
 
     prompt: str
@@ -50,6 +51,7 @@ class GeneratedText:
     token_ids: list[int]
     new_tokens: int
     finish_reason: str
+    logprobs: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -224,6 +226,7 @@ def token_steps(
         bool, the rows that take their token. The first yield follows the prefill; the
         generator ends when every row met EOS or after ``max_new_tokens`` tokens.
     """
+    sampler.begin(rows)  # the processors' history and the grammar's rows
     tokens = sampler.choose(decoder.prefill(rows))
     finished = np.zeros(len(rows), dtype=bool)
     for step in range(max_new_tokens):
@@ -343,9 +346,12 @@ def generate(
     decoder = model.decoder(
         len(rows), cache_length(model, max(len(r) for r in rows) + max_new_tokens)
     )
-    steps = token_steps(decoder, Sampler(sampling), rows, max_new_tokens, eos, pad_id)
+    sampler = Sampler(sampling, tokenizer, eos.tolist() or model.eos_token_ids())
+    steps = token_steps(decoder, sampler, rows, max_new_tokens, eos, pad_id)
     streamed = stream_tokens(steps, tokenizer, len(rows), on_text, eos.tolist())
     outputs = finish_outputs(prompts, streamed, tokenizer, eos, on_text)
+    for row, out in enumerate(outputs):
+        out.logprobs = sampler.token_logprobs(row, len(out.token_ids))
     decode_s, decode_tokens = streamed.decode_s, streamed.decode_tokens
     timing = GenerationTiming(
         prefill_s=streamed.prefill_s,

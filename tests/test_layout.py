@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "llmtool.hardware": 0,
     "llmtool.manifest": 0,
     "llmtool.sampling": 0,
+    "llmtool.decoding": 0,
     # 1 spec -> PyTorch model + tokenizer
     "llmtool.models": 1,
     # 2 PyTorch model -> ONNX graph
