@@ -240,17 +240,37 @@ def generate_cmd(
     ignore_eos: bool = typer.Option(
         False, "--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks)."
     ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Render each prompt as a user turn with the model's chat template."
+    ),
+    system: str | None = typer.Option(None, "--system", help="System message for --chat."),
+    messages: Path | None = typer.Option(
+        None, "--messages", help="JSONL file, one conversation (a list of messages) a line."
+    ),
+    stop: list[str] = typer.Option(
+        [], "--stop", help="Stop string (repeatable): the text is cut before it."
+    ),
+    max_time: float | None = typer.Option(
+        None, "--max-time", help="Seconds after which generation stops (finish reason: time)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
     from llmtool.console import console, err_console
-    from llmtool.generate import generate
+    from llmtool.chat_template import read_messages_file
+    from llmtool.generate import Prompt, StopConditions, generate
     from llmtool.reports import generation_table
     from llmtool.runtime.model import OnnxCausalLM
     from llmtool.runtime.session import SessionOptions
     from llmtool.sampling import SamplingConfig
 
-    prompts = _read_prompts(prompt, prompt_file)
+    prompts: list[Prompt] = []
+    if messages is not None:
+        prompts += read_messages_file(messages)
+    if prompt or prompt_file is not None or messages is None:
+        prompts += _read_prompts(prompt, prompt_file)
+    conditions = StopConditions(stop=tuple(stop), max_time=max_time, eos=not ignore_eos)
+    conditions.validate()
     sampling = SamplingConfig(
         strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
     )
@@ -264,7 +284,7 @@ def generate_cmd(
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(f"[dim]Running on {model.provider.upper()} ({model.directory.name})[/]")
     streaming = stream and not as_json and len(prompts) == 1
-    if streaming:
+    if streaming and isinstance(prompts[0], str) and not chat:
         console.print(prompts[0], style="bold", end="")
 
     def on_text(row: int, text: str) -> None:
@@ -276,17 +296,21 @@ def generate_cmd(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         on_text=on_text if streaming else None,
-        stop_at_eos=not ignore_eos,
+        stop=conditions,
+        chat=chat,
+        system=system,
     ).to_dict()
     if as_json:
         _print_json(result)
         return
     if streaming:
         console.print()
-        t = result["timing"]
+        t, out = result["timing"], result["outputs"][0]
+        if out["finish_reason"] == "eos" and out["new_tokens"] == 1:
+            err_console.print("[yellow]The model ended its answer at once (EOS as its first token).[/]")
         err_console.print(
-            f"[dim]{result['outputs'][0]['new_tokens']} tokens · {result['provider']} · first token "
-            f"{t['prefill_s'] * 1000:.0f} ms · decode {t['decode_tokens_per_s']:.1f} tok/s[/]"
+            f"[dim]{out['new_tokens']} tokens ({out['finish_reason']}) · {result['provider']} · "
+            f"first token {t['prefill_s'] * 1000:.0f} ms · decode {t['decode_tokens_per_s']:.1f} tok/s[/]"
         )
     else:
         console.print(generation_table(result))

@@ -75,7 +75,10 @@ def generation_table(result: dict[str, Any]) -> Table:
     table.add_column("continuation", overflow="fold")
     table.add_column("tokens", justify="right")
     for out in result["outputs"]:
-        table.add_row(out["prompt"], out["text"], f"{out['new_tokens']} ({out['finish_reason']})")
+        text = out["text"]
+        if out["finish_reason"] == "eos" and out["new_tokens"] == 1:
+            text = "(ended at once: EOS as the first token)"
+        table.add_row(out["prompt"], text, f"{out['new_tokens']} ({out['finish_reason']})")
     table.caption = (
         f"{result['provider']} · time to first token {timing['prefill_s'] * 1000:.0f} ms · "
         f"decode {timing['decode_tokens_per_s']:.1f} tok/s"
