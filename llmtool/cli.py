@@ -316,6 +316,87 @@ def generate_cmd(
         console.print(generation_table(result))
 
 
+CHAT_HELP = "Commands: /reset (new conversation), /system TEXT, /exit. Ctrl-C stops an answer."
+
+
+@app.command("chat")
+@handle_errors
+def chat_cmd(
+    model_dir: Path = typer.Argument(..., metavar="DIR", help="An llmtool export directory."),
+    system: str | None = typer.Option(None, "--system", help="System message."),
+    max_new_tokens: int = typer.Option(
+        defaults.CHAT_MAX_NEW_TOKENS, help="Most tokens per answer."
+    ),
+    strategy: str = typer.Option(defaults.STRATEGY, help="greedy or top-k (sampling)."),
+    top_k: int = typer.Option(defaults.TOP_K, help="Candidates kept when sampling."),
+    top_p: float = typer.Option(defaults.TOP_P, help="Nucleus mass kept when sampling, in (0, 1]."),
+    temperature: float = typer.Option(
+        defaults.TEMPERATURE, help="Logit divisor when sampling, > 0."
+    ),
+    seed: int = typer.Option(defaults.SEED, help="Sampling seed."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    provider: str = typer.Option(
+        defaults.PROVIDER, help="auto, cuda or cpu. cuda never falls back to CPU."
+    ),
+) -> None:
+    """Chat with an export in the terminal; the KV cache is kept from turn to turn."""
+    from llmtool.chat import ChatSession
+    from llmtool.console import console, err_console
+    from llmtool.errors import UsageError
+    from llmtool.generate import StopConditions
+    from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.sampling import SamplingConfig
+
+    sampling = SamplingConfig(
+        strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
+    )
+    sampling.validate()
+    model = OnnxCausalLM(model_dir, provider)
+    session = ChatSession(
+        model, sampling, max_new_tokens, StopConditions(stop=tuple(stop)), system=system
+    )
+    err_console.print(f"[dim]Chatting with {model.directory.name} on {model.provider.upper()}. {CHAT_HELP}[/]")
+
+    def on_text(row: int, text: str) -> None:
+        console.print(text, end="", markup=False, highlight=False)
+        console.file.flush()
+
+    while True:
+        try:
+            line = console.input("[bold green]> [/]")
+        except KeyboardInterrupt:
+            console.print()
+            continue
+        except EOFError:
+            console.print()
+            return
+        command, _, rest = line.strip().partition(" ")
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            err_console.print("[dim]New conversation.[/]")
+            continue
+        if command == "/system":
+            session.reset(rest.strip() or None, keep_system=False)
+            err_console.print("[dim]System message set; new conversation.[/]")
+            continue
+        if not line.strip():
+            continue
+        try:
+            turn = session.send(line, on_text)
+        except UsageError as e:
+            err_console.print(f"[red]{e}[/]")
+            continue
+        console.print()
+        if turn.finish_reason == "eos" and len(turn.token_ids) == 1:
+            err_console.print("[yellow](the model ended its answer at once)[/]")
+        err_console.print(
+            f"[dim]{len(turn.token_ids)} tokens ({turn.finish_reason}) · prefill "
+            f"{turn.prefill_tokens} tokens · {turn.tokens_per_s:.1f} tok/s[/]"
+        )
+
+
 @app.command("eval")
 @handle_errors
 def eval_cmd(

@@ -242,3 +242,55 @@ def test_chat_without_template_exits_2(tiny_llama_export):
     assert res.exit_code == 2
     assert "no chat template" in res.output
     assert len([line for line in res.output.splitlines() if line.strip()]) <= 2
+
+
+def test_chat_in_a_real_terminal(chat_export):
+    """`llmtool chat` in a pseudo-terminal: streamed answers, tok/s, /system, /reset, Ctrl-C, /exit."""
+    import os
+    import sys
+
+    pexpect = pytest.importorskip("pexpect")
+    from llmtool.chat import ChatSession
+    from llmtool.runtime.model import OnnxCausalLM
+
+    expected = ChatSession(OnnxCausalLM(chat_export, "cpu"), max_new_tokens=60).send("Hi there")
+    assert len(expected.text) > 10
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "COLUMNS": "200"}
+    child = pexpect.spawn(
+        sys.executable,
+        ["-m", "llmtool", "chat", str(chat_export), "--max-new-tokens", "60"],
+        env=env,
+        encoding="utf-8",
+        timeout=40,
+        dimensions=(40, 200),
+    )
+    child.expect("Commands: /reset")
+    child.expect("> ")
+    child.sendline("Hi there")
+    # The streamed answer is the library's answer; then the tok/s line.
+    child.expect_exact(expected.text[:10])
+    child.expect(r"60 tokens \(length\) · prefill \d+ tokens · [\d.]+ tok/s")
+    child.expect("> ")
+    child.sendline("And more")
+    child.expect(r"prefill (\d+) tokens")
+    assert int(child.match.group(1)) < expected.prompt_tokens + 60  # only the new turn's tokens
+    child.expect("> ")
+    # Ctrl-C while answering stops the answer, not the chat.
+    child.sendline("/reset")
+    child.expect("New conversation")
+    child.expect("> ")
+    child.sendline("Hi there")
+    child.expect_exact(expected.text[:5])
+    child.sendintr()
+    child.expect(r"tokens \((interrupted|length)\)")
+    child.expect("> ")
+    child.sendline("/system Answer in French.")
+    child.expect("System message set")
+    child.expect("> ")
+    child.sendline("Hi there")
+    child.expect(r"tok/s")
+    child.expect("> ")
+    child.sendline("/exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
