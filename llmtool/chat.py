@@ -105,9 +105,9 @@ class ChatSession:
                 break
             common += 1
         common = min(common, len(ids) - 1)  # the last prompt token always runs: its logits
-        if self.decoder is not None and common < len(self.cached):
-            if not self.decoder.truncate(common):
-                self.decoder = None
+        cut_back = self.decoder is not None and common < len(self.cached)
+        if cut_back and not self.decoder.truncate(common):  # type: ignore[union-attr]
+            self.decoder = None
         if self.decoder is None or common == 0:
             length = self.model.max_positions or CHAT_CONTEXT
             self.decoder = self.model.decoder(1, cache_length(self.model, length))
@@ -143,11 +143,15 @@ class ChatSession:
             return step
 
         pad = self.model.tokenizer.pad_token_id or 0
-        steps = token_steps(self.decoder_or_new(), self.sampler, prefill, self.max_new_tokens, stops, pad)
+        steps = token_steps(
+            self.decoder_or_new(), self.sampler, prefill, self.max_new_tokens, stops, pad
+        )
         reason = None
         generated: list[int] = []
         try:
-            streamed = stream_tokens(_recording(steps, generated), self.model.tokenizer, stops, on_text)
+            streamed = stream_tokens(
+                _recording(steps, generated), self.model.tokenizer, stops, on_text
+            )
             answer_ids, detok = streamed.generated[0], streamed.detokenizers[0]
             cut = detok.cut
             decode_s, decode_tokens = streamed.decode_s, streamed.decode_tokens
@@ -155,7 +159,11 @@ class ChatSession:
             reason, answer_ids, cut = "interrupted", generated, None
             decode_s, decode_tokens = time.perf_counter() - start, len(generated)
             self.cached, self.decoder = [], None
-        answer = cut if cut is not None else self.model.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        answer = (
+            cut
+            if cut is not None
+            else self.model.tokenizer.decode(answer_ids, skip_special_tokens=True)
+        )
         if on_text is not None and reason is None and (rest := detok.flush(answer)):
             on_text(0, rest)
         if reason is None:

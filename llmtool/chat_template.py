@@ -63,8 +63,13 @@ def _compile(template: str) -> Any:
     def raise_exception(message: str) -> None:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x: Any, ensure_ascii: bool = False, indent: Any = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
+    def tojson(
+        x: Any,
+        ensure_ascii: bool = False,
+        indent: Any = None,
+        separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )
@@ -93,9 +98,16 @@ def _compile(template: str) -> Any:
 def check_conversation(messages: Any, where: str = "a conversation") -> list[dict[str, Any]]:
     """``messages`` as a list of ``{"role", "content"}`` dicts, or a :class:`UsageError`."""
     if not isinstance(messages, list) or not messages:
-        raise UsageError(f"{where} is not a non-empty list of messages", 'write [{"role": "user", "content": "..."}].')
+        raise UsageError(
+            f"{where} is not a non-empty list of messages",
+            'write [{"role": "user", "content": "..."}].',
+        )
     for m in messages:
-        if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
+        if (
+            not isinstance(m, dict)
+            or m.get("role") not in ROLES
+            or not isinstance(m.get("content"), str)
+        ):
             raise UsageError(
                 f"{where} holds a message that is not {{'role': {'|'.join(ROLES)}, 'content': text}}: "
                 f"{str(m)[:60]}"
@@ -128,7 +140,9 @@ def render_text(tokenizer: Any, messages: Conversation, add_generation_prompt: b
         raise UsageError(f"The chat template rejected the conversation ({e})") from e
 
 
-def render_ids(tokenizer: Any, messages: Conversation, add_generation_prompt: bool = True) -> list[int]:
+def render_ids(
+    tokenizer: Any, messages: Conversation, add_generation_prompt: bool = True
+) -> list[int]:
     """Prompt token ids of ``messages``: the rendered text, tokenized without added special tokens."""
     text = render_text(tokenizer, messages, add_generation_prompt)
     return [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]

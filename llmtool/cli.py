@@ -256,8 +256,8 @@ def generate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
-    from llmtool.console import console, err_console
     from llmtool.chat_template import read_messages_file
+    from llmtool.console import console, err_console
     from llmtool.generate import Prompt, StopConditions, generate
     from llmtool.reports import generation_table
     from llmtool.runtime.model import OnnxCausalLM
@@ -307,7 +307,9 @@ def generate_cmd(
         console.print()
         t, out = result["timing"], result["outputs"][0]
         if out["finish_reason"] == "eos" and out["new_tokens"] == 1:
-            err_console.print("[yellow]The model ended its answer at once (EOS as its first token).[/]")
+            err_console.print(
+                "[yellow]The model ended its answer at once (EOS as its first token).[/]"
+            )
         err_console.print(
             f"[dim]{out['new_tokens']} tokens ({out['finish_reason']}) · {result['provider']} · "
             f"first token {t['prefill_s'] * 1000:.0f} ms · decode {t['decode_tokens_per_s']:.1f} tok/s[/]"
@@ -355,7 +357,9 @@ def chat_cmd(
     session = ChatSession(
         model, sampling, max_new_tokens, StopConditions(stop=tuple(stop)), system=system
     )
-    err_console.print(f"[dim]Chatting with {model.directory.name} on {model.provider.upper()}. {CHAT_HELP}[/]")
+    err_console.print(
+        f"[dim]Chatting with {model.directory.name} on {model.provider.upper()}. {CHAT_HELP}[/]"
+    )
 
     def on_text(row: int, text: str) -> None:
         console.print(text, end="", markup=False, highlight=False)

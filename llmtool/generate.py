@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
-from llmtool.errors import UsageError
 from llmtool.chat_template import Conversation, as_conversation, end_of_turn_ids, render_ids
+from llmtool.errors import UsageError
 from llmtool.runtime.decoders import Decoder, Step, cache_length
 from llmtool.runtime.model import OnnxCausalLM
 from llmtool.runtime.session import SessionOptions
@@ -131,8 +131,12 @@ class Detokenizer:
     def _held_back(self, text: str) -> int:
         """Length of the longest tail of ``text`` that begins some stop string."""
         return max(
-            (k for s in self.stop for k in range(min(len(s) - 1, len(text)), 0, -1)
-             if text.endswith(s[:k])),
+            (
+                k
+                for s in self.stop
+                for k in range(min(len(s) - 1, len(text)), 0, -1)
+                if text.endswith(s[:k])
+            ),
             default=0,
         )
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import copy
 import json
 
-import numpy as np
 import pytest
 
 from llmtool.errors import UsageError
@@ -61,7 +60,6 @@ def chat_tokenizer(tokenizer):
 def chat_export(chat_tokenizer, tmp_path_factory):
     """A tiny Llama export whose tokenizer carries SmolLM2's template; <|im_end|> is not EOS."""
     from conftest import build_tiny_model
-
     from llmtool.export import export_model
 
     hf = tmp_path_factory.mktemp("hf-chat")
@@ -120,8 +118,13 @@ def test_chat_generate_prompt_ids_and_end_of_turn(chat_export, chat_tokenizer):
     model = OnnxCausalLM(chat_export, "cpu")
     result = generate(model, ["Hello there"], chat=True, system="Be brief.", max_new_tokens=12)
     out = result.outputs[0]
-    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there"}]
-    expected = chat_tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hello there"},
+    ]
+    expected = chat_tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True
+    )
     if hasattr(expected, "keys"):
         expected = expected["input_ids"]
     assert out.prompt_ids == list(expected)
@@ -193,7 +196,9 @@ def test_chat_session_reuses_cache(chat_export):
     from llmtool.chat_template import render_ids
 
     ids = render_ids(model.tokenizer, full)
-    common = next((k for k, (a, b) in enumerate(zip(cached, ids, strict=False)) if a != b), len(cached))
+    common = next(
+        (k for k, (a, b) in enumerate(zip(cached, ids, strict=False)) if a != b), len(cached)
+    )
     # The turn fed only what the cache lacked: at least the whole first prompt was reused.
     assert second.prefill_tokens == len(ids) - common
     assert common >= first.prompt_tokens
@@ -217,7 +222,8 @@ def test_messages_file_and_cli(chat_export, tmp_path):
     path = tmp_path / "m.jsonl"
     path.write_text("\n".join(json.dumps(c) for c in CONVERSATIONS) + "\n", encoding="utf-8")
     res = runner.invoke(
-        app, ["generate", str(chat_export), "--messages", str(path), "--json", "--max-new-tokens", "4"]
+        app,
+        ["generate", str(chat_export), "--messages", str(path), "--json", "--max-new-tokens", "4"],
     )
     assert res.exit_code == 0, res.output
     rows = json.loads(res.stdout)["outputs"]
@@ -226,8 +232,21 @@ def test_messages_file_and_cli(chat_export, tmp_path):
     empty.write_text("\n", encoding="utf-8")
     res = runner.invoke(app, ["generate", str(chat_export), "--messages", str(empty)])
     assert res.exit_code == 2 and "no conversations" in res.output
-    res = runner.invoke(app, ["generate", str(chat_export), "-p", "hi", "--chat", "--stop", "e",
-                              "--max-new-tokens", "30", "--json"])
+    res = runner.invoke(
+        app,
+        [
+            "generate",
+            str(chat_export),
+            "-p",
+            "hi",
+            "--chat",
+            "--stop",
+            "e",
+            "--max-new-tokens",
+            "30",
+            "--json",
+        ],
+    )
     assert res.exit_code == 0, res.output
     row = json.loads(res.stdout)["outputs"][0]
     assert "e" not in row["text"]

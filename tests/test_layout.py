@@ -155,7 +155,8 @@ def test_no_lower_layer_imports_a_higher_one():
         f"{name} (layer {layer(name)}) imports {dep} (layer {layer(dep)})"
         for name, deps in GRAPH.items()
         for dep in sorted(deps)
-        if layer(dep) > layer(name) and not (MODULES[name].name == "__init__.py" and dep.startswith(name))
+        if layer(dep) > layer(name)
+        and not (MODULES[name].name == "__init__.py" and dep.startswith(name))
     ]
     assert not upward, "\n".join(upward)
 
