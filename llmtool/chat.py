@@ -20,16 +20,10 @@ import numpy as np
 from llmtool import defaults
 from llmtool.chat_template import render_ids, require_template
 from llmtool.errors import UsageError
-from llmtool.generate import (
-    RowStops,
-    StopConditions,
-    TextCallback,
-    stop_token_ids,
-    stream_tokens,
-    token_steps,
-)
+from llmtool.generate import TextCallback, stop_token_ids, stream_tokens, token_steps
 from llmtool.runtime.decoders import Decoder, Step, cache_length
 from llmtool.runtime.model import OnnxCausalLM
+from llmtool.runtime.stopping import RowStops, StopConditions
 from llmtool.sampling import Sampler, SamplingConfig
 
 CHAT_CONTEXT = 4096  # cache length asked for when the model gives no context size

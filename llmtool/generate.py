@@ -29,6 +29,7 @@ from llmtool.errors import UsageError
 from llmtool.runtime.decoders import Decoder, Step, cache_length
 from llmtool.runtime.model import OnnxCausalLM
 from llmtool.runtime.session import SessionOptions
+from llmtool.runtime.stopping import Detokenizer, RowStops, StopConditions
 from llmtool.sampling import Sampler, SamplingConfig
 
 TextCallback = Callable[[int, str], None]
@@ -101,107 +102,12 @@ class GenerationResult:
         }
 
 
-class Detokenizer:
-    """Incremental detokenization: emits only complete new text (no half UTF-8 characters).
-
-    With stop strings it also finds the first one in the text (:attr:`cut` is the text before
-    it) and holds back a tail that could still grow into one, so a stop string never streams.
-    """
-
-    def __init__(self, tokenizer: Any, stop: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.emitted = ""
-        self.cut: str | None = None
-
-    def push(self, token_ids: list[int]) -> str:
-        """The text ``token_ids`` add to what was emitted ("" while a character is incomplete)."""
-        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
-        if self.stop:
-            hits = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-            if hits:
-                self.cut = text[: min(hits)]
-                return self.flush(self.cut)
-            text = text[: len(text) - self._held_back(text)]
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
-
-    def _held_back(self, text: str) -> int:
-        """Length of the longest tail of ``text`` that begins some stop string."""
-        return max(
-            (
-                k
-                for s in self.stop
-                for k in range(min(len(s) - 1, len(text)), 0, -1)
-                if text.endswith(s[:k])
-            ),
-            default=0,
-        )
-
-    def flush(self, text: str) -> str:
-        """The rest of the final text (held-back partial characters included)."""
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
-
-
 Prompt = str | Sequence[int] | Conversation
-
-
-@dataclass
-class StopConditions:
-    """What ends a row besides ``max_new_tokens``.
-
-    Attributes:
-        stop: Stop strings: a row ends when its text contains one, and its text is cut just before
-            it (the string may span several tokens).
-        max_time: Seconds after which every row still running ends (``finish_reason`` ``time``).
-        eos: End at the model's EOS ids (and, in chat, the template's end-of-turn token).
-    """
-
-    stop: Sequence[str] = ()
-    max_time: float | None = None
-    eos: bool = True
-
-    def validate(self) -> None:
-        """Raise :class:`UsageError` on an empty stop string or a non-positive time."""
-        if any(not s for s in self.stop):
-            raise UsageError("A --stop string is empty", "give every --stop some text.")
-        if self.max_time is not None and self.max_time <= 0:
-            raise UsageError(f"--max-time must be positive, got {self.max_time}")
 
 
 def is_messages(prompt: Prompt) -> bool:
     """True for a conversation (a list of message dicts) rather than text or token ids."""
     return not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], Mapping)
-
-
-class RowStops:
-    """Which rows have finished and why; shared by the token-step and streaming layers."""
-
-    def __init__(self, batch: int, eos: np.ndarray, conditions: StopConditions) -> None:
-        self.finished = np.zeros(batch, dtype=bool)
-        self.reasons = ["length"] * batch
-        self.eos = eos
-        self.stop = tuple(conditions.stop)
-        self.deadline = (
-            time.perf_counter() + conditions.max_time if conditions.max_time is not None else None
-        )
-
-    def finish(self, rows: int | np.ndarray, reason: str) -> None:
-        """End ``rows`` (a row index or a [batch] bool mask) for ``reason`` unless already ended."""
-        picked = np.flatnonzero(rows) if isinstance(rows, np.ndarray) else [rows]
-        for row in picked:
-            if not self.finished[row]:
-                self.finished[row], self.reasons[row] = True, reason
-
-    def after_step(self, tokens: np.ndarray) -> None:
-        """Mark rows that took EOS, then every row when time is up."""
-        self.finish(np.isin(tokens, self.eos), "eos")
-        if self.deadline is not None and time.perf_counter() >= self.deadline:
-            self.finish(np.ones_like(self.finished), "time")
 
 
 def tokenize_prompts(
@@ -326,6 +232,15 @@ def stream_tokens(
     return Streamed(generated, detok, prefill_s, decode_s, decode_tokens)
 
 
+def prompt_label(prompt: Prompt, ids: Sequence[int], tokenizer: Any) -> str:
+    """The prompt as shown: its text, a conversation's last message, or the decoded ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if is_messages(prompt):
+        return str(prompt[-1]["content"])  # type: ignore[index]
+    return str(tokenizer.decode(list(ids)))
+
+
 def finish_outputs(
     prompts: Sequence[Prompt],
     rows: Sequence[Sequence[int]],
@@ -343,7 +258,7 @@ def finish_outputs(
             on_text(row, rest)
         outputs.append(
             GeneratedText(
-                prompt=prompt if isinstance(prompt, str) else tokenizer.decode(list(rows[row])),
+                prompt=prompt_label(prompt, rows[row], tokenizer),
                 text=text,
                 token_ids=ids,
                 new_tokens=len(ids),
