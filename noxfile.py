@@ -60,7 +60,7 @@ def typecheck(session: nox.Session) -> None:
 
 @nox.session
 def demo(session: nox.Session) -> None:
-    """The main job end to end on the embedded default: export SmolLM2, generate, perplexity."""
+    """The main job end to end on the embedded default: export SmolLM2, ask it a question, perplexity."""
     install_project(session)
     onnx_dir = DEMO_DIR / "smollm2-onnx"
     text = ROOT / "llmtool" / "data" / "sample.txt"
@@ -69,8 +69,9 @@ def demo(session: nox.Session) -> None:
         "llmtool",
         "generate",
         str(onnx_dir),
+        "--chat",
         "--prompt",
-        "The capital of France is",
+        "What is the capital of France?",
         "--max-new-tokens",
         "32",
         env=ENV,

@@ -251,6 +251,19 @@ def generate_cmd(
     ignore_eos: bool = typer.Option(
         False, "--ignore-eos", help="Always generate --max-new-tokens tokens (for benchmarks)."
     ),
+    chat: bool = typer.Option(
+        False, "--chat", help="Render each prompt as a user turn with the model's chat template."
+    ),
+    system: str | None = typer.Option(None, "--system", help="System message for --chat."),
+    messages: Path | None = typer.Option(
+        None, "--messages", help="JSONL file, one conversation (a list of messages) a line."
+    ),
+    stop: list[str] = typer.Option(
+        [], "--stop", help="Stop string (repeatable): the text is cut before it."
+    ),
+    max_time: float | None = typer.Option(
+        None, "--max-time", help="Seconds after which generation stops (finish reason: time)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print results as JSON on stdout."),
     repetition_penalty: float = typer.Option(
         1.0, help="transformers' penalty on prompt + output tokens, > 0 (1: off)."
@@ -268,14 +281,21 @@ def generate_cmd(
     ),
 ) -> None:
     """Generate text from an export with ONNX Runtime."""
+    from llmtool.chat_template import read_messages_file
     from llmtool.console import console, dim, err_console, plain
-    from llmtool.generate import check_request, generate
+    from llmtool.generate import Prompt, StopConditions, check_request, generate
     from llmtool.reports import generation_table, timing_line
     from llmtool.runtime.model import OnnxCausalLM
     from llmtool.runtime.session import SessionOptions
     from llmtool.sampling import SamplingConfig
 
-    prompts = _read_prompts(prompt, prompt_file)
+    prompts: list[Prompt] = []
+    if messages is not None:
+        prompts += read_messages_file(messages)
+    if prompt or prompt_file is not None or messages is None:
+        prompts += _read_prompts(prompt, prompt_file)
+    conditions = StopConditions(stop=tuple(stop), max_time=max_time, eos=not ignore_eos)
+    conditions.validate()
     sampling = SamplingConfig(
         strategy=strategy,
         top_k=top_k,
@@ -294,7 +314,7 @@ def generate_cmd(
     sampling.validate()
     # Options and prompt lengths first: the manifest and tokenizer know the context, the
     # (slow) session is not needed to refuse a request.
-    check_request(model_dir, prompts, max_new_tokens)
+    check_request(model_dir, prompts, max_new_tokens, chat, system)
     session_options = SessionOptions(
         intra_op_threads=threads,
         graph_optimization=graph_optimization,
@@ -304,7 +324,7 @@ def generate_cmd(
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
     streaming = stream and not as_json and len(prompts) == 1
-    if streaming:
+    if streaming and isinstance(prompts[0], str) and not chat:
         console.print(plain(prompts[0], "bold"), end="")
 
     def on_text(row: int, text: str) -> None:
@@ -316,7 +336,9 @@ def generate_cmd(
         max_new_tokens=max_new_tokens,
         sampling=sampling,
         on_text=on_text if streaming else None,
-        stop_at_eos=not ignore_eos,
+        stop=conditions,
+        chat=chat,
+        system=system,
     ).to_dict()
     if as_json:
         _print_json(result)
@@ -355,6 +377,91 @@ def eval_progress(console: Any, get_time: Any = None) -> Any:
         speed_estimate_period=24 * 3600,
         get_time=get_time,
     )
+
+
+CHAT_HELP = "Commands: /reset (new conversation), /system TEXT, /exit. Ctrl-C stops an answer."
+
+
+@app.command("chat")
+@handle_errors
+def chat_cmd(
+    model_dir: Path = typer.Argument(..., metavar="DIR", help="An llmtool export directory."),
+    system: str | None = typer.Option(None, "--system", help="System message."),
+    max_new_tokens: int = typer.Option(
+        defaults.CHAT_MAX_NEW_TOKENS, help="Most tokens per answer."
+    ),
+    strategy: str = typer.Option(defaults.STRATEGY, help="greedy or top-k (sampling)."),
+    top_k: int = typer.Option(defaults.TOP_K, help="Candidates kept when sampling."),
+    top_p: float = typer.Option(defaults.TOP_P, help="Nucleus mass kept when sampling, in (0, 1]."),
+    temperature: float = typer.Option(
+        defaults.TEMPERATURE, help="Logit divisor when sampling, > 0."
+    ),
+    seed: int = typer.Option(defaults.SEED, help="Sampling seed."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop string (repeatable)."),
+    provider: str = typer.Option(
+        defaults.PROVIDER, help="auto, cuda or cpu. cuda never falls back to CPU."
+    ),
+) -> None:
+    """Chat with an export in the terminal; the KV cache is kept from turn to turn."""
+    from llmtool.chat import ChatSession
+    from llmtool.console import console, dim, err_console, plain
+    from llmtool.errors import UsageError
+    from llmtool.generate import StopConditions
+    from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.sampling import SamplingConfig
+
+    sampling = SamplingConfig(
+        strategy=strategy, top_k=top_k, top_p=top_p, temperature=temperature, seed=seed
+    )
+    sampling.validate()
+    model = OnnxCausalLM(model_dir, provider)
+    session = ChatSession(
+        model, sampling, max_new_tokens, StopConditions(stop=tuple(stop)), system=system
+    )
+    err_console.print(
+        dim(f"Chatting with {model.directory.name} on {model.provider.upper()}. {CHAT_HELP}")
+    )
+
+    def on_text(row: int, text: str) -> None:
+        console.print(text, end="", markup=False, highlight=False)
+        console.file.flush()
+
+    while True:
+        try:
+            line = console.input("[bold green]> [/]")
+        except KeyboardInterrupt:
+            console.print()
+            continue
+        except EOFError:
+            console.print()
+            return
+        command, _, rest = line.strip().partition(" ")
+        if command == "/exit":
+            return
+        if command == "/reset":
+            session.reset()
+            err_console.print("[dim]New conversation.[/]")
+            continue
+        if command == "/system":
+            session.reset(rest.strip() or None, keep_system=False)
+            err_console.print("[dim]System message set; new conversation.[/]")
+            continue
+        if not line.strip():
+            continue
+        try:
+            turn = session.send(line, on_text)
+        except UsageError as e:
+            err_console.print(plain(e, "red"))
+            continue
+        console.print()
+        if turn.finish_reason == "eos" and len(turn.token_ids) == 1:
+            err_console.print("[yellow](the model ended its answer at once)[/]")
+        err_console.print(
+            dim(
+                f"{len(turn.token_ids)} tokens ({turn.finish_reason}) · prefill "
+                f"{turn.prefill_tokens} tokens · {turn.tokens_per_s:.1f} tok/s"
+            )
+        )
 
 
 @app.command("eval")

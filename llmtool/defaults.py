@@ -16,6 +16,7 @@ VALIDATION_DECODE_STEPS = 16
 EXTERNAL_DATA_THRESHOLD = 1_900_000_000
 
 # Generation.
+CHAT_MAX_NEW_TOKENS = 256  # llmtool chat: longest answer
 MAX_NEW_TOKENS = 64
 STRATEGY = "greedy"
 TOP_K = 50

@@ -16,7 +16,7 @@ Three layers, each small:
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,12 @@ from typing import Any
 import numpy as np
 
 from llmtool import defaults
+from llmtool.chat_template import Conversation, as_conversation, end_of_turn_ids, render_ids
 from llmtool.errors import UsageError
-from llmtool.runtime.decoders import Decoder, cache_length
+from llmtool.runtime.decoders import Decoder, Step, cache_length
 from llmtool.runtime.model import OnnxCausalLM
 from llmtool.runtime.session import SessionOptions
+from llmtool.runtime.stopping import Detokenizer, RowStops, StopConditions, decode_new_tokens
 from llmtool.sampling import Sampler, SamplingConfig
 
 TextCallback = Callable[[int, str], None]
@@ -42,7 +44,9 @@ class GeneratedText:
         text: The generated continuation, special tokens removed.
         token_ids: The generated token ids (EOS included when it was produced).
         new_tokens: ``len(token_ids)``.
-        finish_reason: ``eos`` or ``length``.
+        finish_reason: ``eos`` (an EOS or end-of-turn token), ``stop`` (a stop string),
+            ``length`` (``max_new_tokens``) or ``time`` (``max_time``).
+        prompt_ids: The token ids fed to the model (the rendered chat template with ``chat``).
         logprobs: Per token, its log-probability and the top alternatives (``logprobs`` set).
     """
 
@@ -51,7 +55,13 @@ class GeneratedText:
     token_ids: list[int]
     new_tokens: int
     finish_reason: str
+    prompt_ids: list[int] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
+
+    @property
+    def ended_at_once(self) -> bool:
+        """True when the first token ended the row (nothing was said)."""
+        return self.finish_reason == "eos" and self.new_tokens == 1
 
 
 @dataclass
@@ -94,47 +104,20 @@ class GenerationResult:
         }
 
 
-class Detokenizer:
-    """Incremental detokenization: emits only complete new text (no half UTF-8 characters)."""
-
-    def __init__(self, tokenizer: Any, eos: Sequence[int] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.eos = eos
-        self.emitted = ""
-
-    def push(self, token_ids: list[int]) -> str:
-        """The text ``token_ids`` add to what was emitted ("" while a character is incomplete)."""
-        text = decode_new_tokens(self.tokenizer, token_ids, self.eos)
-        if text.endswith("\ufffd") or not text.startswith(self.emitted):
-            return ""
-        delta, self.emitted = text[len(self.emitted) :], text
-        return delta
-
-    def flush(self, text: str) -> str:
-        """The rest of the final text (held-back partial characters included)."""
-        delta = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-        self.emitted = text
-        return delta
+Prompt = str | Sequence[int] | Conversation
 
 
-def decode_new_tokens(tokenizer: Any, token_ids: Sequence[int], eos: Sequence[int]) -> str:
-    """The text of generated tokens: a final stop token is dropped, nothing else is.
-
-    Special tokens inside the text stay (``<|im_start|>assistant``, an EOS that ``--ignore-eos``
-    went past): stripping them would leave their neighbours (bare role words) looking like
-    ordinary text.
-    """
-    ids = list(token_ids)
-    if ids and ids[-1] in eos:
-        ids = ids[:-1]
-    return str(tokenizer.decode(ids, skip_special_tokens=False))
-
-
-Prompt = str | Sequence[int]
+def is_messages(prompt: Prompt) -> bool:
+    """True for a conversation (a list of message dicts) rather than text or token ids."""
+    return not isinstance(prompt, str) and bool(prompt) and isinstance(prompt[0], Mapping)
 
 
 def check_request(
-    directory: str | Path, prompts: Sequence[Prompt], max_new_tokens: int
+    directory: str | Path,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    chat: bool = False,
+    system: str | None = None,
 ) -> list[list[int]]:
     """Check a generation request against an export's manifest and tokenizer, no session opened.
 
@@ -158,7 +141,12 @@ def check_request(
     contract = Manifest.read(directory)
     tokenizer = load_tokenizer(ModelSpec("hf_dir", directory, None, str(directory)))
     return tokenize_checked(
-        tokenizer, prompts, max_new_tokens, contract.vocab_size, contract.max_positions
+        tokenizer,
+        prompts,
+        max_new_tokens,
+        (contract.vocab_size, contract.max_positions),
+        chat,
+        system,
     )
 
 
@@ -169,32 +157,49 @@ def check_max_new_tokens(max_new_tokens: int) -> None:
 
 
 def tokenize_prompts(
-    model: OnnxCausalLM, prompts: Sequence[Prompt], max_new_tokens: int
+    model: OnnxCausalLM,
+    prompts: Sequence[Prompt],
+    max_new_tokens: int,
+    chat: bool = False,
+    system: str | None = None,
 ) -> list[list[int]]:
-    """Token ids of each prompt (text is tokenized, id lists pass through), checked against the context."""
-    return tokenize_checked(
-        model.tokenizer, prompts, max_new_tokens, model.vocab_size, model.max_positions
-    )
+    """Token ids of each prompt, checked against the model's vocabulary and context."""
+    limits = (model.vocab_size, model.max_positions)
+    return tokenize_checked(model.tokenizer, prompts, max_new_tokens, limits, chat, system)
 
 
 def tokenize_checked(
     tokenizer: Any,
     prompts: Sequence[Prompt],
     max_new_tokens: int,
-    vocab_size: int,
-    max_positions: int | None,
+    limits: tuple[int, int | None],
+    chat: bool = False,
+    system: str | None = None,
 ) -> list[list[int]]:
-    """Token ids of each prompt, checked against the vocabulary and the context."""
+    """Token ids of each prompt, checked against ``limits`` (vocabulary size, context).
+
+    Text is tokenized, id lists pass through; with ``chat`` (or for a conversation, a list of
+    messages) the prompt is rendered with the chat template and the generation prompt, text
+    becoming a user turn after ``system``.
+    """
+    vocab_size, max_positions = limits
     if not prompts:
         raise UsageError("No prompt given", "pass --prompt TEXT or --prompt-file FILE.")
     rows = []
     for prompt in prompts:
-        if isinstance(prompt, str):
+        is_conversation = is_messages(prompt)
+        if isinstance(prompt, str) and not prompt.strip():
+            raise UsageError("A prompt is empty", "give every --prompt some text.")
+        if chat or is_conversation:
+            if not isinstance(prompt, str) and not is_conversation:
+                raise UsageError("Chat prompts are text or messages, not token ids")
+            ids = render_ids(tokenizer, as_conversation(prompt, system))  # type: ignore[arg-type]
+        elif isinstance(prompt, str):
             if not prompt.strip():
                 raise UsageError("A prompt is empty", "give every --prompt some text.")
             ids = list(tokenizer(prompt)["input_ids"])
         else:
-            ids = [int(t) for t in prompt]
+            ids = [int(t) for t in prompt]  # type: ignore[arg-type]
         if not ids:
             raise UsageError(
                 f"The prompt {str(prompt)[:40]!r} encodes to no tokens", "give it some text."
@@ -214,26 +219,26 @@ def tokenize_checked(
 def token_steps(
     decoder: Decoder,
     sampler: Sampler,
-    rows: Sequence[Sequence[int]],
+    prefill: Callable[[], Step],
     max_new_tokens: int,
-    eos: np.ndarray,
+    stops: RowStops,
     pad_id: int,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """The token-step layer: prefill once, then one decode step per yield.
+    """The token-step layer: prefill once (``prefill()``), then one decode step per yield.
 
     Yields:
         Per step, tokens [batch] int64 (``pad_id`` on rows already finished) and live [batch]
         bool, the rows that take their token. The first yield follows the prefill; the
-        generator ends when every row met EOS or after ``max_new_tokens`` tokens.
+        generator ends when every row has finished (``stops``: EOS, time, or a stop string the
+        consumer marked between yields) or after ``max_new_tokens`` tokens.
     """
-    sampler.begin(rows)  # the processors' history and the grammar's rows
-    tokens = sampler.choose(decoder.prefill(rows))
-    finished = np.zeros(len(rows), dtype=bool)
+    tokens = sampler.choose(prefill())
     for step in range(max_new_tokens):
-        tokens = np.where(finished, pad_id, tokens)
-        yield tokens, ~finished
-        finished |= np.isin(tokens, eos)
-        if finished.all() or step == max_new_tokens - 1:
+        live = ~stops.finished
+        tokens = np.where(live, tokens, pad_id)
+        yield tokens, live
+        stops.after_step(np.where(live, tokens, -1))
+        if stops.finished.all() or step == max_new_tokens - 1:
             return
         tokens = sampler.choose(decoder.step(tokens))
 
@@ -252,17 +257,18 @@ class Streamed:
 def stream_tokens(
     steps: Iterator[tuple[np.ndarray, np.ndarray]],
     tokenizer: Any,
-    batch: int,
+    stops: RowStops,
     on_text: TextCallback | None,
-    eos: Sequence[int] = (),
 ) -> Streamed:
     """The streaming layer: collect each row's tokens, call ``on_text`` as its text grows, time.
 
-    Prefill time runs to the first tokens (time to first token); decode time covers every
-    later step, streaming included.
+    A row whose text reaches a stop string is marked finished in ``stops`` (the token layer
+    then feeds it padding). Prefill time runs to the first tokens (time to first token); decode
+    time covers every later step, streaming included.
     """
+    batch = len(stops.finished)
     generated: list[list[int]] = [[] for _ in range(batch)]
-    detok = [Detokenizer(tokenizer, eos) for _ in range(batch)]
+    detok = [Detokenizer(tokenizer, stops.stop, stops.eos) for _ in range(batch)]
     decode_tokens = 0
     start = time.perf_counter()
     prefill_s = decode_start = 0.0
@@ -272,38 +278,63 @@ def stream_tokens(
             prefill_s = decode_start - start
         for i in np.flatnonzero(live):
             generated[i].append(int(tokens[i]))
-            if on_text is not None and (delta := detok[i].push(generated[i])):
-                on_text(int(i), delta)
+            if on_text is not None or stops.stop:
+                delta = detok[i].push(generated[i])
+                if delta and on_text is not None:
+                    on_text(int(i), delta)
+                if detok[i].cut is not None:
+                    stops.finish(int(i), "stop")
         if step > 0:
             decode_tokens += int(live.sum())
     decode_s = time.perf_counter() - decode_start
     return Streamed(generated, detok, prefill_s, decode_s, decode_tokens)
 
 
+def prompt_label(prompt: Prompt, ids: Sequence[int], tokenizer: Any) -> str:
+    """The prompt as shown: its text, a conversation's last message, or the decoded ids."""
+    if isinstance(prompt, str):
+        return prompt
+    if is_messages(prompt):
+        return str(prompt[-1]["content"])  # type: ignore[index]
+    return str(tokenizer.decode(list(ids)))
+
+
 def finish_outputs(
     prompts: Sequence[Prompt],
+    rows: Sequence[Sequence[int]],
     streamed: Streamed,
     tokenizer: Any,
-    eos: np.ndarray,
+    stops: RowStops,
     on_text: TextCallback | None,
 ) -> list[GeneratedText]:
     """Each row's final text (streaming its held-back rest) and why it stopped."""
     outputs = []
     for row, (prompt, ids) in enumerate(zip(prompts, streamed.generated, strict=True)):
-        stopped = bool(ids) and ids[-1] in eos
-        text = decode_new_tokens(tokenizer, ids, eos.tolist())
+        cut = streamed.detokenizers[row].cut
+        text = cut if cut is not None else decode_new_tokens(tokenizer, ids, stops.eos)
         if on_text is not None and (rest := streamed.detokenizers[row].flush(text)):
             on_text(row, rest)
         outputs.append(
             GeneratedText(
-                prompt=prompt if isinstance(prompt, str) else tokenizer.decode(list(prompt)),
+                prompt=prompt_label(prompt, rows[row], tokenizer),
                 text=text,
                 token_ids=ids,
                 new_tokens=len(ids),
-                finish_reason="eos" if stopped else "length",
+                finish_reason=stops.reasons[row],
+                prompt_ids=list(rows[row]),
             )
         )
     return outputs
+
+
+def stop_token_ids(model: OnnxCausalLM, chat: bool, eos: bool = True) -> np.ndarray:
+    """Token ids that end a row: the model's EOS ids, plus the template's end-of-turn in chat."""
+    if not eos:
+        return np.array([], dtype=np.int64)
+    ids = list(model.eos_token_ids())
+    if chat:
+        ids += [t for t in end_of_turn_ids(model.tokenizer) if t not in ids]
+    return np.array(ids, dtype=np.int64)
 
 
 def generate(
@@ -316,6 +347,9 @@ def generate(
     on_text: TextCallback | None = None,
     session_options: SessionOptions | None = None,
     stop_at_eos: bool = True,
+    stop: StopConditions | None = None,
+    chat: bool = False,
+    system: str | None = None,
 ) -> GenerationResult:
     """Generate a continuation for each prompt, batched.
 
@@ -328,6 +362,11 @@ def generate(
         on_text: Called as ``on_text(row, new_text)`` whenever a row's text grows (streaming).
         session_options: ONNX Runtime settings (used when ``model`` is a directory).
         stop_at_eos: Stop rows at EOS; ``False`` always generates ``max_new_tokens`` (benchmarks).
+        stop: Stop strings and a time limit (:class:`StopConditions`).
+        chat: Render text prompts as user turns with the chat template and its generation
+            prompt (conversations, lists of ``{"role", "content"}`` messages, always are); the
+            template's end-of-turn token then ends rows too.
+        system: A system message put before each chat prompt that has none.
 
     Returns:
         The texts, token ids and timing.
@@ -337,19 +376,25 @@ def generate(
     """
     check_max_new_tokens(max_new_tokens)
     sampling = sampling or SamplingConfig()
+    stop = stop or StopConditions(eos=stop_at_eos)
+    stop.validate()
     if not isinstance(model, OnnxCausalLM):
         model = OnnxCausalLM(model, provider, options=session_options)
     tokenizer = model.tokenizer
-    rows = tokenize_prompts(model, prompts, max_new_tokens)
-    eos = np.array(model.eos_token_ids() if stop_at_eos else [], dtype=np.int64)
+    rows = tokenize_prompts(model, prompts, max_new_tokens, chat, system)
+    chat = chat or any(is_messages(p) for p in prompts)
+    stops = RowStops(len(rows), stop_token_ids(model, chat, stop.eos and stop_at_eos), stop)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     decoder = model.decoder(
         len(rows), cache_length(model, max(len(r) for r in rows) + max_new_tokens)
     )
-    sampler = Sampler(sampling, tokenizer, eos.tolist() or model.eos_token_ids())
-    steps = token_steps(decoder, sampler, rows, max_new_tokens, eos, pad_id)
-    streamed = stream_tokens(steps, tokenizer, len(rows), on_text, eos.tolist())
-    outputs = finish_outputs(prompts, streamed, tokenizer, eos, on_text)
+    sampler = Sampler(sampling, tokenizer, stops.eos.tolist() or model.eos_token_ids())
+    sampler.begin(rows)  # the processors' history and the grammar's rows
+    steps = token_steps(
+        decoder, sampler, lambda: decoder.prefill(rows), max_new_tokens, stops, pad_id
+    )
+    streamed = stream_tokens(steps, tokenizer, stops, on_text)
+    outputs = finish_outputs(prompts, rows, streamed, tokenizer, stops, on_text)
     for row, out in enumerate(outputs):
         out.logprobs = sampler.token_logprobs(row, len(out.token_ids))
     decode_s, decode_tokens = streamed.decode_s, streamed.decode_tokens

@@ -78,9 +78,12 @@ def generation_table(result: dict[str, Any]) -> Table:
     table.add_column("continuation", overflow="fold")
     table.add_column("tokens", justify="right")
     for out in result["outputs"]:
+        text = out["text"]
+        if out["finish_reason"] == "eos" and out["new_tokens"] == 1:
+            text = "(ended at once: EOS as the first token)"
         table.add_row(
             Text(out["prompt"]),
-            Text(out["text"]),
+            Text(text),
             f"{_tokens(out['new_tokens'])} ({out['finish_reason']})",
         )
     table.caption = Text(

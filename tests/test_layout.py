@@ -38,6 +38,8 @@ LAYERS: dict[str, int] = {
     #   validates through a session and gates quantization with evaluate's protocols
     "llmtool.evaluate": 4,
     "llmtool.generate": 4,
+    "llmtool.chat_template": 3,
+    "llmtool.chat": 4,
     "llmtool.train": 4,
     "llmtool.export.pipeline": 4,
     "llmtool.export.validate": 4,

@@ -41,3 +41,28 @@ def test_smollm2_generates_and_scores(smollm2_export, sample_text_file):
     ppl = evaluate_perplexity(smollm2_export.out, sample_text_file, max_length=256, provider="cpu")
     # A real 135M model reads plain English far better than chance (vocab 49,152).
     assert 3 < ppl.perplexity < 60
+
+
+def test_smollm2_chat_template_and_answer(smollm2_export):
+    """The export carries the GGUF's chat template; --chat ids equal transformers'; on topic."""
+    from gguf import GGUFReader
+    from transformers import AutoTokenizer
+
+    from llmtool.generate import generate
+    from llmtool.models.loading import resolve_spec
+
+    path = resolve_spec("smollm2").path
+    gguf = path if path.is_file() else next(path.glob("*.gguf"))
+    field = GGUFReader(gguf).fields["tokenizer.chat_template"]
+    gguf_template = bytes(field.parts[field.data[0]]).decode()
+    exported = (smollm2_export.out / "chat_template.jinja").read_text(encoding="utf-8")
+    assert exported.strip() == gguf_template.strip()
+    question = "What is the capital of France?"
+    out = generate(smollm2_export.out, [question], chat=True, max_new_tokens=24, provider="cpu")
+    row = out.outputs[0]
+    tok = AutoTokenizer.from_pretrained(smollm2_export.out)
+    expected = tok.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=True
+    )
+    assert row.prompt_ids == list(expected["input_ids"] if hasattr(expected, "keys") else expected)
+    assert "Paris" in row.text and row.finish_reason == "eos"

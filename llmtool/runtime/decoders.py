@@ -106,13 +106,28 @@ class Step:
 
 
 class Decoder:
-    """Interface: :meth:`prefill` once with the prompts, then :meth:`step` with one token per row."""
+    """Interface: :meth:`prefill` once with the prompts, then :meth:`step` with one token per row.
+
+    A chat continues one row's cache: :meth:`extend` feeds a turn's tokens after what the cache
+    holds and :meth:`truncate` forgets its tail (False where the cache cannot, e.g. a state).
+    """
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> Step:
         raise NotImplementedError
 
     def step(self, tokens: np.ndarray) -> Step:
         raise NotImplementedError
+
+    def extend(self, tokens: Sequence[int]) -> Step:
+        """Feed ``tokens`` to the single row after the tokens already cached."""
+        step = Step()
+        for token in tokens:
+            step = self.step(np.array([token], dtype=np.int64))
+        return step
+
+    def truncate(self, length: int) -> bool:
+        """Keep only the first ``length`` cached tokens; False when this cache cannot."""
+        return False
 
 
 class StandardDecoder(Decoder):
@@ -142,6 +157,28 @@ class StandardDecoder(Decoder):
             tokens[:, None].astype(np.int64), self.mask, self.positions[:, None], self.cache
         )
         return Step(logits[:, -1, :])
+
+    def extend(self, tokens: Sequence[int]) -> Step:
+        # One forward over the whole turn [1, n], positions continuing the cache's.
+        n = len(tokens)
+        mask = np.concatenate([self.mask, np.ones((1, n), dtype=np.int64)], axis=1)
+        positions = self.positions + np.arange(1, n + 1, dtype=np.int64)
+        ids = np.asarray(tokens, dtype=np.int64)[None, :]
+        logits, self.cache = self.model.forward(ids, mask, positions[None, :], self.cache)
+        self.mask, self.positions = mask, positions[-1:]
+        return Step(logits[:, -1, :])
+
+    def truncate(self, length: int) -> bool:
+        specs = self.model.cache_entries
+        if self.batch != 1 or any(s.sequence_axis is None for s in specs):
+            return False
+        for spec in specs:
+            index = [slice(None)] * self.cache[spec.name].ndim
+            index[spec.sequence_axis] = slice(0, length)  # type: ignore[index]
+            self.cache[spec.name] = self.cache[spec.name][tuple(index)]
+        self.mask = self.mask[:, :length]
+        self.positions = np.array([length - 1], dtype=np.int64)
+        return True
 
 
 class FusedDecoder(Decoder):
@@ -226,6 +263,13 @@ class FusedDecoder(Decoder):
         self.model.session.run_with_iobinding(self.step_binding, self.step_options)
         self.lengths = self.lengths + 1
         return Step(self.last_logits, self.next_token)
+
+    def truncate(self, length: int) -> bool:
+        # The preallocated cache keeps its size; positions past ``length`` are masked and
+        # overwritten by the next tokens.
+        self.lengths[:] = length
+        self.mask[:, length:] = 0
+        return True
 
 
 CACHE_GRANULE = 64
