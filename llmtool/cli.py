@@ -283,7 +283,8 @@ def generate_cmd(
     """Generate text from an export with ONNX Runtime."""
     from llmtool.chat_template import read_messages_file
     from llmtool.console import console, dim, err_console, plain
-    from llmtool.generate import Prompt, StopConditions, check_request, generate
+    from llmtool.generate import StopConditions, generate
+    from llmtool.prompts import Prompt, check_request
     from llmtool.reports import generation_table, timing_line
     from llmtool.runtime.model import OnnxCausalLM
     from llmtool.runtime.session import SessionOptions

@@ -188,7 +188,7 @@ def test_generate_checks_before_loading_and_printing(tiny_llama_export, no_sessi
 
 def test_check_request_reads_only_the_manifest(tiny_llama_export, no_session):
     from llmtool.errors import UsageError
-    from llmtool.generate import check_request
+    from llmtool.prompts import check_request
 
     _, out = tiny_llama_export
     rows = check_request(out, ["The keeper"], 4)
@@ -231,7 +231,7 @@ def test_special_tokens_inside_the_text_are_kept(tokenizer):
     assert "<|im_start|>assistant" in text and tok.eos_token in text
     # A final stop token is not text; the stream and the final text agree.
     assert decode_new_tokens(tok, [*ids, eos], [eos]) == text
-    detok = Detokenizer(tok, [eos])
+    detok = Detokenizer(tok, eos=[eos])
     streamed = "".join(detok.push(ids[: i + 1]) for i in range(len(ids)))
     assert streamed + detok.flush(text) == text
 

@@ -40,6 +40,7 @@ LAYERS: dict[str, int] = {
     "llmtool.generate": 4,
     "llmtool.chat_template": 3,
     "llmtool.chat": 4,
+    "llmtool.prompts": 4,
     "llmtool.train": 4,
     "llmtool.export.pipeline": 4,
     "llmtool.export.validate": 4,
