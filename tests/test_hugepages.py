@@ -44,14 +44,6 @@ def plain_buffer(size: int, fill: int = 1) -> tuple[bytes, int]:
     return data, np.frombuffer(data, np.uint8).ctypes.data + size // 2
 
 
-def thp_always() -> bool:
-    """THP mode ``always``: the kernel puts any large anonymous mapping on huge pages itself."""
-    try:
-        return "[always]" in open("/sys/kernel/mm/transparent_hugepage/enabled").read()
-    except OSError:
-        return False
-
-
 def needs_huge_pages() -> None:
     reason = hugepages.unsupported_reason()
     if reason is not None:
@@ -90,12 +82,19 @@ def test_older_memory_is_left_alone():
     assert result.candidate_bytes == 0 and result.collapsed_bytes == 0 and older and middle
 
 
-def test_turned_off_does_nothing():
+def test_turned_off_does_nothing(monkeypatch):
+    # Turned off, llmtool must not even look: no madvise, no pagemap read. Whether the kernel
+    # puts the buffer on huge pages by itself (a merge with a neighbouring mapping that earlier
+    # tests left on huge pages was seen in CI) is not llmtool's doing, so smaps can't judge it.
+    def refuse(*_args, **_kwargs):
+        raise AssertionError("huge_pages_for(enabled=False) touched the page tables")
+
+    for name in ("collapse", "resident_chunks"):
+        monkeypatch.setattr(hugepages, name, refuse)
     with huge_pages_for(enabled=False) as result:
-        weights, middle = plain_buffer(64 * MB)
-    assert result.reason == "turned off" and result.collapsed_bytes == 0
-    if hugepages.unsupported_reason() is None and not thp_always():
-        assert huge_kb_at(middle) == 0 and weights
+        weights, _ = plain_buffer(64 * MB)
+    assert result.reason == "turned off" and weights
+    assert result.candidate_bytes == 0 and result.collapsed_bytes == 0
 
 
 def test_session_records_what_it_did_and_logits_do_not_change(tiny_export):
