@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -90,6 +91,10 @@ def handle_errors(func: F) -> F:
         except LlmtoolError as e:
             if _state["debug"]:
                 raise
+            from llmtool.errors import UsageError
+
+            if isinstance(e, UsageError) and os.environ.get("RANK", "0") != "0":
+                raise typer.Exit(e.exit_code) from None  # under torchrun rank 0 says it once
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("Interrupted; nothing was left half-written.", 130)
@@ -669,6 +674,11 @@ def train_cmd(
     eval_every: int | None = typer.Option(None, help="Steps between validations."),
     checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints."),
     device: str = typer.Option(defaults.TRAIN_DEVICE, help="auto, cpu or cuda."),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="Under torchrun: shard the model over the ranks with FSDP2 instead of DDP.",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last checkpoint in --out."
     ),
@@ -679,7 +689,9 @@ def train_cmd(
 ) -> None:
     """Train a small LM on your text; the result takes `llmtool export` unchanged.
 
-    Options not given come from the preset, or with --resume from the checkpoint.
+    Options not given come from the preset, or with --resume from the checkpoint. Under
+    `torchrun --nproc-per-node N` it trains on N ranks (DDP, or --fsdp): --batch-size is the
+    per-rank micro-batch, rank 0 writes --out, tok/s are global.
     """
     from rich.progress import (
         BarColumn,
@@ -702,11 +714,13 @@ def train_cmd(
         ),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    with Progress(*columns, console=err_console, transient=True, disable=not main_rank) as progress:
         task = progress.add_task("Preparing", total=None, loss="-", ppl="-", tps="-")
 
         def on_stage(text: str) -> None:
-            progress.console.print(dim(text))
+            if main_rank:
+                progress.console.print(dim(text))
 
         def on_step(p: TrainProgress) -> None:
             progress.update(
@@ -741,6 +755,7 @@ def train_cmd(
                 device=device,
                 resume=resume,
                 force=force,
+                fsdp=fsdp,
                 on_stage=on_stage,
                 on_step=on_step,
             )
@@ -748,6 +763,8 @@ def train_cmd(
             _fail(
                 f"Interrupted; continue from the last checkpoint with `--resume --out {out}`.", 130
             )
+    if not main_rank:
+        return
     if as_json:
         _print_json(result.summary())
         return
