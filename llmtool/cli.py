@@ -77,6 +77,15 @@ HUGE_PAGES_OPTION: Any = typer.Option(
 )
 
 
+RAY_OPTION: Any = typer.Option(
+    None,
+    "--ray",
+    metavar="[ADDRESS]",
+    help="Shard the work over Ray Data actors: a local Ray cluster, or the one at ADDRESS "
+    "(needs the ray extra: pip install 'llmtool[ray]').",
+)
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one line on stderr and an exit code."""
 
@@ -228,7 +237,9 @@ def _read_schema(path: Path | None) -> str | None:
 def generate_cmd(
     model_dir: Path = typer.Argument(..., metavar="DIR", help="An llmtool export directory."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeat for a batch."),
-    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="One prompt per line."),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="One prompt per line (with --out: or JSONL, see below)."
+    ),
     max_new_tokens: int = typer.Option(
         defaults.MAX_NEW_TOKENS, help="Most tokens to generate per prompt."
     ),
@@ -284,8 +295,25 @@ def generate_cmd(
     logprobs: int | None = typer.Option(
         None, help="With --json: each token's log-probability and N alternatives (0-20)."
     ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Batch job: write one JSON line per --prompt-file row here, as rows finish; "
+        "rows already in it are skipped (resume after a crash).",
+    ),
+    id_field: str = typer.Option(
+        "id", help="With --out and a .jsonl --prompt-file: the field holding each row's id."
+    ),
+    batch_size: int = typer.Option(8, help="With --out: prompts per generation batch."),
+    force: bool = typer.Option(False, "--force", help="With --out: start the results over."),
+    ray: str | None = RAY_OPTION,
 ) -> None:
-    """Generate text from an export with ONNX Runtime."""
+    """Generate text from an export with ONNX Runtime.
+
+    With --out RESULTS.jsonl it is a resumable batch job over --prompt-file (text, or JSONL
+    with "prompt" or "messages" and an optional id): each row gets its own seed, derived from
+    --seed and its id, so the results do not depend on batching, workers or restarts.
+    """
     from llmtool.chat_template import read_messages_file
     from llmtool.console import console, dim, err_console, plain
     from llmtool.generate import StopConditions, generate
@@ -296,10 +324,11 @@ def generate_cmd(
     from llmtool.sampling import SamplingConfig
 
     prompts: list[Prompt] = []
-    if messages is not None:
-        prompts += read_messages_file(messages)
-    if prompt or prompt_file is not None or messages is None:
-        prompts += _read_prompts(prompt, prompt_file)
+    if out is None and ray is None:
+        if messages is not None:
+            prompts += read_messages_file(messages)
+        if prompt or prompt_file is not None or messages is None:
+            prompts += _read_prompts(prompt, prompt_file)
     conditions = StopConditions(stop=tuple(stop), max_time=max_time, eos=not ignore_eos)
     conditions.validate()
     sampling = SamplingConfig(
@@ -318,15 +347,31 @@ def generate_cmd(
         logprobs=logprobs,
     )
     sampling.validate()
-    # Options and prompt lengths first: the manifest and tokenizer know the context, the
-    # (slow) session is not needed to refuse a request.
-    check_request(model_dir, prompts, max_new_tokens, chat, system)
     session_options = SessionOptions(
         intra_op_threads=threads,
         graph_optimization=graph_optimization,
         cpu_arena=cpu_arena,
         huge_pages=huge_pages,
     )
+    if out is not None or ray is not None:
+        from llmtool.batch.generate import BatchJob
+
+        job = BatchJob(
+            str(model_dir),
+            max_new_tokens,
+            sampling,
+            conditions,
+            chat,
+            system,
+            provider,
+            session_options,
+            batch_size,
+        )
+        _generate_file(job, prompt_file, out, id_field, force, ray, as_json)
+        return
+    # Options and prompt lengths first: the manifest and tokenizer know the context, the
+    # (slow) session is not needed to refuse a request.
+    check_request(model_dir, prompts, max_new_tokens, chat, system)
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
     streaming = stream and not as_json and len(prompts) == 1
@@ -354,6 +399,58 @@ def generate_cmd(
         err_console.print(timing_line(result, result["outputs"][0]))
     else:
         console.print(generation_table(result))
+
+
+def _generate_file(
+    job: Any,
+    prompt_file: Path | None,
+    out: Path | None,
+    id_field: str,
+    force: bool,
+    ray: str | None,
+    as_json: bool,
+) -> None:
+    """``generate --prompt-file P --out R [--ray]``: the batch job, with a progress bar."""
+    from llmtool.batch.generate import generate_file
+    from llmtool.console import dim, err_console
+    from llmtool.errors import UsageError
+
+    if prompt_file is None or out is None:
+        raise UsageError(
+            "A batch job needs both --prompt-file and --out",
+            "pass --prompt-file PROMPTS.jsonl --out RESULTS.jsonl.",
+        )
+    if job.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {job.batch_size}")
+    runner, workers = None, 1
+    if ray is not None:
+        from llmtool.batch.ray import ray_generate_runner
+
+        runner, workers = ray_generate_runner(ray)
+    with eval_progress(err_console) as progress:
+        task = progress.add_task("Generating", total=None)
+        summary = generate_file(
+            job,
+            prompt_file,
+            out,
+            id_field=id_field,
+            force=force,
+            runner=runner,
+            workers=workers,
+            on_row=lambda row: progress.advance(task),
+        )
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json(asdict(summary))
+        return
+    err_console.print(
+        dim(
+            f"Wrote {summary.generated} rows to {summary.out} ({summary.skipped} already there), "
+            f"{summary.new_tokens} tokens at {summary.tokens_per_s:,.1f} tok/s"
+        ),
+        soft_wrap=True,
+    )
 
 
 def eval_progress(console: Any, get_time: Any = None) -> Any:
@@ -787,10 +884,25 @@ def _restart_with_huge_page_malloc(argv: list[str]) -> None:
         restart_with_huge_page_malloc()
 
 
+def optional_values(argv: list[str]) -> list[str]:
+    """``--ray`` with no value (last, or before another option) means ``--ray local``.
+
+    Typer has no option with an optional value, so the bare flag is completed here.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--ray" and (following is None or following.startswith("-")):
+            out.append("local")
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
     from llmtool.errors import watch_interrupts
 
+    sys.argv[1:] = optional_values(sys.argv[1:])
     _restart_with_huge_page_malloc(sys.argv)
     watch_interrupts()
     app()
