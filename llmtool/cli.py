@@ -426,7 +426,7 @@ def _generate_file(
     if ray is not None:
         from llmtool.batch.ray import ray_generate_runner
 
-        runner, workers = ray_generate_runner(ray)
+        runner, workers = ray_generate_runner(ray, job.session_options.intra_op_threads)
     with eval_progress(err_console) as progress:
         task = progress.add_task("Generating", total=None)
         summary = generate_file(
@@ -669,6 +669,7 @@ def eval_cmd(
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
     ),
+    ray: str | None = RAY_OPTION,
 ) -> None:
     """Perplexity, fidelity to a reference and throughput of an export, gated against a baseline.
 
@@ -710,6 +711,7 @@ def eval_cmd(
         cpu_arena=cpu_arena,
         huge_pages=huge_pages,
         allow_pickle=allow_pickle,
+        ray=ray,
     )
     with eval_progress(err_console) as progress:
         task = progress.add_task("Starting", total=None)
