@@ -26,10 +26,17 @@ CLOCK = {"created", "seconds", "environment"}
 
 @pytest.fixture(scope="module")
 def cluster():
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    """A local 2-CPU cluster; its address, for the drivers that join it (--ray ADDRESS)."""
+    saved = os.environ.get("PYTHONPATH")
+    # The actors import llmtool from this checkout (an installed llmtool needs nothing).
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), saved or ""])
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     yield ray.get_runtime_context().gcs_address
     ray.shutdown()
+    if saved is None:
+        del os.environ["PYTHONPATH"]
+    else:
+        os.environ["PYTHONPATH"] = saved
 
 
 @pytest.fixture(scope="module")

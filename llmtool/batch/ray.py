@@ -124,6 +124,7 @@ def ray_scorer(
     reference: str | None = None,
     allow_pickle: bool = False,
     session_options: Any = None,
+    workers: int | None = None,
 ) -> Callable[..., Any]:
     """A ``score_fn`` for :func:`~llmtool.evaluate.perplexity.evaluate_perplexity` on Ray.
 
@@ -133,6 +134,7 @@ def ray_scorer(
         reference: The ``--reference`` spec (each actor loads it).
         allow_pickle: Accept pickle weights for a PyTorch reference.
         session_options: ONNX Runtime settings (the thread count is replaced by ``threads``).
+        workers: At most this many actors (default: as many as the cluster holds).
     """
     ray = connect(address)
 
@@ -142,7 +144,7 @@ def ray_scorer(
         from llmtool.evaluate.perplexity import Scores
 
         per_actor = threads or 1
-        workers, ask = pool(ray, plan.model.provider, per_actor)
+        size, ask = pool(ray, plan.model.provider, per_actor)
         kwargs = {
             "model_dir": str(plan.model.directory),
             "provider": plan.model.provider,
@@ -156,7 +158,8 @@ def ray_scorer(
         start = time.perf_counter()
         pieces: dict[int, Any] = {}
         items = [p for _, p in plan.passes]
-        for index, piece in _run(ray, items, PassScorer, kwargs, workers, ask):
+        actors = min(size, workers or size)
+        for index, piece in _run(ray, items, PassScorer, kwargs, actors, ask):
             pieces[index] = piece
             if on_window is not None:
                 on_window(len(pieces), len(items))
@@ -187,7 +190,9 @@ class BatchGenerator:
         return {"index": batch["index"], "piece": np.array(pieces, dtype=object)}
 
 
-def ray_generate_runner(address: str, threads: int = 0) -> tuple[Any, int]:
+def ray_generate_runner(
+    address: str, threads: int = 0, workers: int | None = None
+) -> tuple[Any, int]:
     """A ``runner`` for :func:`~llmtool.batch.generate.generate_file` on Ray, and its workers.
 
     Batches run on the actors in any order; their rows come back in batch order (a batch is
@@ -199,12 +204,13 @@ def ray_generate_runner(address: str, threads: int = 0) -> tuple[Any, int]:
     def runner(job: Any, batches: list[Any]) -> Iterator[list[dict[str, Any]]]:
         if not batches:
             return
-        workers, ask = pool(ray, job.provider, per_actor)
+        size, ask = pool(ray, job.provider, per_actor)
         job = replace(job, session_options=_session_options(job.session_options, per_actor))
-        yield from in_order(_run(ray, batches, BatchGenerator, {"job": job}, workers, ask))
+        actors = min(size, workers or size)
+        yield from in_order(_run(ray, batches, BatchGenerator, {"job": job}, actors, ask))
 
-    workers, _ = pool(ray, "auto", per_actor)
-    return runner, workers
+    size, _ = pool(ray, "auto", per_actor)
+    return runner, min(size, workers or size)
 
 
 def in_order(pieces: Iterable[tuple[int, Any]]) -> Iterator[Any]:
