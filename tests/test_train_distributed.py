@@ -137,9 +137,11 @@ def test_ddp_two_ranks_equal_one_rank_with_twice_the_batch(tmp_path, reference):
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["latest", "step-000020"]
 
 
-def test_resume_two_ranks_checkpoint_on_one(tmp_path, reference):
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_resume_two_ranks_checkpoint_on_one(tmp_path, reference, fsdp):
+    """An FSDP checkpoint holds the full state too (optimizer renumbered): one process resumes it."""
     out = tmp_path / "two-then-one"
-    run_ranks(out, batch_size=B, checkpoint_every=10, stop=10)
+    run_ranks(out, batch_size=B, checkpoint_every=10, stop=10, fsdp=fsdp)
     assert (out / "checkpoints" / "step-000010").is_dir() and not (out / "config.json").exists()
     # One rank takes the global batch (2 x B) and continues from the global data position.
     result = train_model(None, out, resume=True, device="cpu")
