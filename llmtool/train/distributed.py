@@ -101,8 +101,15 @@ def setup(device: str, fsdp: bool) -> tuple[Dist, torch.device]:
     return Dist(rank, world, local, fsdp), dev
 
 
+_saved_sigterm: list[Any] = []  # the handler before :func:`setup`, put back by :func:`shutdown`
+
+
 def _stop_on_sigterm(rank: int) -> None:
     """torchrun stops the other ranks with SIGTERM when one fails: say so in one sentence."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal handlers belong to the main thread; the default (exit) stays
 
     def on_sigterm(signum: int, frame: object) -> None:
         raise RankFailure(
@@ -111,7 +118,7 @@ def _stop_on_sigterm(rank: int) -> None:
             "fix that rank's error and rerun the same command with --resume.",
         )
 
-    signal.signal(signal.SIGTERM, on_sigterm)
+    _saved_sigterm.append(signal.signal(signal.SIGTERM, on_sigterm))
 
 
 # What gloo and NCCL say when a peer's process is gone (they raise a plain RuntimeError).
@@ -154,6 +161,8 @@ def shutdown(d: Dist) -> None:
         if dist.is_initialized():
             dist.barrier()
             dist.destroy_process_group()
+        if _saved_sigterm:
+            signal.signal(signal.SIGTERM, _saved_sigterm.pop())
 
 
 def barrier(d: Dist) -> None:
