@@ -66,10 +66,20 @@ def test_ray_eval_with_reference_equals_one_process(cluster, tiny_llama_export, 
     assert sharded == single  # every field: perplexity, its error, KL, top-1, per window
 
 
-def test_ray_eval_lm_eval_protocol_equals_one_process(cluster, tiny_llama_export):
-    export = tiny_llama_export[1]
-    options = {"protocol": "lm-eval", "stride": None, "max_length": 32}
-    assert perplexity_record(export, ray=cluster, **options) == perplexity_record(export, **options)
+def test_a_failing_actor_gives_its_own_error(cluster, tiny_llama_export, prompts, tmp_path):
+    from dataclasses import replace
+
+    from llmtool.batch.generate import generate_file
+    from llmtool.batch.ray import ray_generate_runner
+    from llmtool.errors import UsageError
+    from llmtool.runtime.session import SessionOptions
+
+    runner, workers = ray_generate_runner(cluster, threads=1)
+    # Checked only where a session opens: in the actors.
+    bad = SessionOptions(graph_optimization="bogus", huge_pages=False)
+    job = replace(_job(tiny_llama_export[1]), session_options=bad)
+    with pytest.raises(UsageError, match="Unknown graph optimization level 'bogus'"):
+        generate_file(job, prompts, tmp_path / "r.jsonl", runner=runner, workers=workers)
 
 
 def _job(export):

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from llmtool.errors import UsageError
+from llmtool.errors import LlmtoolError, UsageError
 
 INSTALL_HINT = "install the extra: pip install 'llmtool[ray]' (Ray Data 2.x)."
 
@@ -113,8 +113,38 @@ def _run(
         compute=ray.data.ActorPoolStrategy(size=workers),
         **ask,
     )
-    for row in ds.iter_rows():
-        yield int(row["index"]), pickle.loads(row["piece"])
+    try:
+        for row in ds.iter_rows():
+            yield int(row["index"]), pickle.loads(row["piece"])
+    except Exception as e:
+        raise _worker_error(e) from e
+
+
+def _worker_error(error: BaseException) -> LlmtoolError:
+    """An actor's own :class:`LlmtoolError` (Ray wraps it), or one sentence naming the failure."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, LlmtoolError):
+            return seen
+        cause = getattr(seen, "cause", None)  # RayTaskError keeps the original here
+        seen = cause if isinstance(cause, BaseException) else seen.__cause__
+    # An actor that failed in __init__ reaches the driver as ActorDiedError, whose text alone
+    # keeps the original error ("llmtool.errors.UsageError: ..."): rebuild that error from it.
+    import re
+
+    import llmtool.errors
+
+    found = re.findall(r"llmtool\.errors\.(\w+): (.+)", str(error))
+    if found:
+        name, message = found[-1]
+        kind = getattr(llmtool.errors, name, LlmtoolError)
+        if isinstance(kind, type) and issubclass(kind, LlmtoolError):
+            return kind(message.strip())
+    first = str(error).strip().splitlines()[-1][:300] if str(error).strip() else ""
+    return LlmtoolError(
+        f"A Ray Data worker failed ({type(error).__name__}: {first})",
+        "check that every node has llmtool and the model directory, or rerun with --debug.",
+    )
 
 
 def ray_scorer(
