@@ -149,6 +149,24 @@ def test_resume_two_ranks_checkpoint_on_one(tmp_path, reference, fsdp):
     assert_same_run(result.metrics, reference)
 
 
+ACCUM = {"steps": 6, "grad_accum": 2, "checkpoint_every": 6}
+
+
+@pytest.fixture(scope="module")
+def accum_reference(tmp_path_factory):
+    out = tmp_path_factory.mktemp("accum") / "one"
+    options = TrainOptions(**{**OPTIONS, **ACCUM}, batch_size=2 * B)
+    return train_model(SAMPLE_TEXT, out, options, device="cpu").metrics
+
+
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_gradient_accumulation_on_two_ranks(tmp_path, accum_reference, fsdp):
+    """Micro-batches before the last skip the reduction; the step is still 1 rank x 2b's."""
+    out = tmp_path / "two"
+    run_ranks(out, batch_size=B, fsdp=fsdp, **ACCUM)
+    assert_same_run(json.loads((out / "train_metrics.json").read_text()), accum_reference)
+
+
 def test_resume_one_rank_checkpoint_on_two(tmp_path, reference):
     out = tmp_path / "one-then-two"
     with pytest.raises(KeyboardInterrupt):

@@ -15,6 +15,7 @@ depend on how many ranks wrote it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 from collections.abc import Callable
@@ -203,6 +204,20 @@ def wrap(model: Any, d: Dist, device: torch.device) -> Any:
     ids = [device.index] if device.type == "cuda" else None
     # No buffer sync per forward: the models' buffers (rotary tables) are constants.
     return DistributedDataParallel(model, device_ids=ids, forward_sync_buffers=False)
+
+
+def gradient_sync(model: Any, d: Dist, sync: bool) -> contextlib.AbstractContextManager:
+    """Reduce gradients over the ranks in this backward pass only if ``sync``.
+
+    With gradient accumulation, the micro-batches before the last accumulate locally and the
+    last one's backward reduces the sum: one all-reduce (DDP) or reduce-scatter (FSDP) per
+    optimizer step instead of one per micro-batch, the same gradients.
+    """
+    if d.active and d.fsdp:
+        model.set_requires_gradient_sync(sync)
+    elif d.active and not sync:
+        return model.no_sync()
+    return contextlib.nullcontext()
 
 
 def unwrap(model: Any) -> Any:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from llmtool import defaults
 from llmtool.train.checkpoint import TrainState
 from llmtool.train.data import BatchSampler, Splits, val_windows
-from llmtool.train.distributed import Dist, all_sum, unwrap
+from llmtool.train.distributed import Dist, all_sum, gradient_sync, unwrap
 from llmtool.train.options import RunOptions
 
 
@@ -56,16 +56,17 @@ def optimizer_step(run: Run) -> float:
     start = time.perf_counter()
     run.optimizer.zero_grad(set_to_none=True)
     loss_sum = torch.zeros((), device=dev)
-    for _ in range(options.grad_accum):
+    for i in range(options.grad_accum):
         x, y = run.sampler.next_batch()  # [B, S] inputs, [B, S] targets (shifted by one)
         inputs = torch.from_numpy(x).to(dev, non_blocking=True)
         targets = torch.from_numpy(y).to(dev, non_blocking=True)
-        with autocast(dev, run.amp):
-            logits = run.model(input_ids=inputs, use_cache=False).logits  # [B, S, V]
-        loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-        # DDP and FSDP average the gradients over the ranks: with equal rows per rank that is
-        # the gradient of the global batch's mean loss.
-        run.scaler.scale(loss / options.grad_accum).backward()
+        with gradient_sync(run.model, run.dist, i == options.grad_accum - 1):
+            with autocast(dev, run.amp):
+                logits = run.model(input_ids=inputs, use_cache=False).logits  # [B, S, V]
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            # DDP and FSDP average the gradients over the ranks: with equal rows per rank
+            # that is the gradient of the global batch's mean loss.
+            run.scaler.scale(loss / options.grad_accum).backward()
         loss_sum += loss.detach()
     run.scaler.unscale_(run.optimizer)  # clip the true gradients, not the scaled ones
     torch.nn.utils.clip_grad_norm_(run.model.parameters(), defaults.GRAD_CLIP)
