@@ -138,3 +138,10 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site, failing on warnings and broken links."""
     install_project(session, "[docs]")
     session.run("mkdocs", "build", "--strict", env={**ENV, "NO_MKDOCS_2_WARNING": "1"})
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """The torchrun jobs beyond CI's default one: DDP from scratch and a killed rank (2 ranks)."""
+    install_project(session, "[dev]")
+    session.run("pytest", "-q", "-m", "distributed", "tests/test_train_distributed.py", env=ENV)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -76,6 +77,15 @@ HUGE_PAGES_OPTION: Any = typer.Option(
 )
 
 
+RAY_OPTION: Any = typer.Option(
+    None,
+    "--ray",
+    metavar="[ADDRESS]",
+    help="Shard the work over Ray Data actors: a local Ray cluster, or the one at ADDRESS "
+    "(needs the ray extra: pip install 'llmtool[ray]').",
+)
+
+
 def handle_errors(func: F) -> F:
     """Turn library errors into one line on stderr and an exit code."""
 
@@ -90,6 +100,10 @@ def handle_errors(func: F) -> F:
         except LlmtoolError as e:
             if _state["debug"]:
                 raise
+            from llmtool.errors import UsageError
+
+            if isinstance(e, UsageError) and os.environ.get("RANK", "0") != "0":
+                raise typer.Exit(e.exit_code) from None  # under torchrun rank 0 says it once
             _fail(str(e), e.exit_code)
         except KeyboardInterrupt:
             _fail("Interrupted; nothing was left half-written.", 130)
@@ -223,7 +237,9 @@ def _read_schema(path: Path | None) -> str | None:
 def generate_cmd(
     model_dir: Path = typer.Argument(..., metavar="DIR", help="An llmtool export directory."),
     prompt: list[str] = typer.Option([], "--prompt", "-p", help="Prompt text; repeat for a batch."),
-    prompt_file: Path | None = typer.Option(None, "--prompt-file", help="One prompt per line."),
+    prompt_file: Path | None = typer.Option(
+        None, "--prompt-file", help="One prompt per line (with --out: or JSONL, see below)."
+    ),
     max_new_tokens: int = typer.Option(
         defaults.MAX_NEW_TOKENS, help="Most tokens to generate per prompt."
     ),
@@ -279,8 +295,25 @@ def generate_cmd(
     logprobs: int | None = typer.Option(
         None, help="With --json: each token's log-probability and N alternatives (0-20)."
     ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Batch job: write one JSON line per --prompt-file row here, as rows finish; "
+        "rows already in it are skipped (resume after a crash).",
+    ),
+    id_field: str = typer.Option(
+        "id", help="With --out and a .jsonl --prompt-file: the field holding each row's id."
+    ),
+    batch_size: int = typer.Option(8, help="With --out: prompts per generation batch."),
+    force: bool = typer.Option(False, "--force", help="With --out: start the results over."),
+    ray: str | None = RAY_OPTION,
 ) -> None:
-    """Generate text from an export with ONNX Runtime."""
+    """Generate text from an export with ONNX Runtime.
+
+    With --out RESULTS.jsonl it is a resumable batch job over --prompt-file (text, or JSONL
+    with "prompt" or "messages" and an optional id): each row gets its own seed, derived from
+    --seed and its id, so the results do not depend on batching, workers or restarts.
+    """
     from llmtool.chat_template import read_messages_file
     from llmtool.console import console, dim, err_console, plain
     from llmtool.generate import StopConditions, generate
@@ -291,10 +324,11 @@ def generate_cmd(
     from llmtool.sampling import SamplingConfig
 
     prompts: list[Prompt] = []
-    if messages is not None:
-        prompts += read_messages_file(messages)
-    if prompt or prompt_file is not None or messages is None:
-        prompts += _read_prompts(prompt, prompt_file)
+    if out is None and ray is None:
+        if messages is not None:
+            prompts += read_messages_file(messages)
+        if prompt or prompt_file is not None or messages is None:
+            prompts += _read_prompts(prompt, prompt_file)
     conditions = StopConditions(stop=tuple(stop), max_time=max_time, eos=not ignore_eos)
     conditions.validate()
     sampling = SamplingConfig(
@@ -313,15 +347,31 @@ def generate_cmd(
         logprobs=logprobs,
     )
     sampling.validate()
-    # Options and prompt lengths first: the manifest and tokenizer know the context, the
-    # (slow) session is not needed to refuse a request.
-    check_request(model_dir, prompts, max_new_tokens, chat, system)
     session_options = SessionOptions(
         intra_op_threads=threads,
         graph_optimization=graph_optimization,
         cpu_arena=cpu_arena,
         huge_pages=huge_pages,
     )
+    if out is not None or ray is not None:
+        from llmtool.batch.generate import BatchJob
+
+        job = BatchJob(
+            str(model_dir),
+            max_new_tokens,
+            sampling,
+            conditions,
+            chat,
+            system,
+            provider,
+            session_options,
+            batch_size,
+        )
+        _generate_file(job, prompt_file, out, id_field, force, ray, as_json)
+        return
+    # Options and prompt lengths first: the manifest and tokenizer know the context, the
+    # (slow) session is not needed to refuse a request.
+    check_request(model_dir, prompts, max_new_tokens, chat, system)
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
     streaming = stream and not as_json and len(prompts) == 1
@@ -349,6 +399,58 @@ def generate_cmd(
         err_console.print(timing_line(result, result["outputs"][0]))
     else:
         console.print(generation_table(result))
+
+
+def _generate_file(
+    job: Any,
+    prompt_file: Path | None,
+    out: Path | None,
+    id_field: str,
+    force: bool,
+    ray: str | None,
+    as_json: bool,
+) -> None:
+    """``generate --prompt-file P --out R [--ray]``: the batch job, with a progress bar."""
+    from llmtool.batch.generate import generate_file
+    from llmtool.console import dim, err_console
+    from llmtool.errors import UsageError
+
+    if prompt_file is None or out is None:
+        raise UsageError(
+            "A batch job needs both --prompt-file and --out",
+            "pass --prompt-file PROMPTS.jsonl --out RESULTS.jsonl.",
+        )
+    if job.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {job.batch_size}")
+    runner, workers = None, 1
+    if ray is not None:
+        from llmtool.batch.ray import ray_generate_runner
+
+        runner, workers = ray_generate_runner(ray, job.session_options.intra_op_threads)
+    with eval_progress(err_console) as progress:
+        task = progress.add_task("Generating", total=None)
+        summary = generate_file(
+            job,
+            prompt_file,
+            out,
+            id_field=id_field,
+            force=force,
+            runner=runner,
+            workers=workers,
+            on_row=lambda row: progress.advance(task),
+        )
+    if as_json:
+        from dataclasses import asdict
+
+        _print_json(asdict(summary))
+        return
+    err_console.print(
+        dim(
+            f"Wrote {summary.generated} rows to {summary.out} ({summary.skipped} already there), "
+            f"{summary.new_tokens} tokens at {summary.tokens_per_s:,.1f} tok/s"
+        ),
+        soft_wrap=True,
+    )
 
 
 def eval_progress(console: Any, get_time: Any = None) -> Any:
@@ -567,6 +669,7 @@ def eval_cmd(
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
     ),
+    ray: str | None = RAY_OPTION,
 ) -> None:
     """Perplexity, fidelity to a reference and throughput of an export, gated against a baseline.
 
@@ -608,6 +711,7 @@ def eval_cmd(
         cpu_arena=cpu_arena,
         huge_pages=huge_pages,
         allow_pickle=allow_pickle,
+        ray=ray,
     )
     with eval_progress(err_console) as progress:
         task = progress.add_task("Starting", total=None)
@@ -669,6 +773,11 @@ def train_cmd(
     eval_every: int | None = typer.Option(None, help="Steps between validations."),
     checkpoint_every: int | None = typer.Option(None, help="Steps between checkpoints."),
     device: str = typer.Option(defaults.TRAIN_DEVICE, help="auto, cpu or cuda."),
+    fsdp: bool = typer.Option(
+        False,
+        "--fsdp",
+        help="Under torchrun: shard the model over the ranks with FSDP2 instead of DDP.",
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from the last checkpoint in --out."
     ),
@@ -679,7 +788,9 @@ def train_cmd(
 ) -> None:
     """Train a small LM on your text; the result takes `llmtool export` unchanged.
 
-    Options not given come from the preset, or with --resume from the checkpoint.
+    Options not given come from the preset, or with --resume from the checkpoint. Under
+    `torchrun --nproc-per-node N` it trains on N ranks (DDP, or --fsdp): --batch-size is the
+    per-rank micro-batch, rank 0 writes --out, tok/s are global.
     """
     from rich.progress import (
         BarColumn,
@@ -702,11 +813,13 @@ def train_cmd(
         ),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=err_console, transient=True) as progress:
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    with Progress(*columns, console=err_console, transient=True, disable=not main_rank) as progress:
         task = progress.add_task("Preparing", total=None, loss="-", ppl="-", tps="-")
 
         def on_stage(text: str) -> None:
-            progress.console.print(dim(text))
+            if main_rank:
+                progress.console.print(dim(text))
 
         def on_step(p: TrainProgress) -> None:
             progress.update(
@@ -741,6 +854,7 @@ def train_cmd(
                 device=device,
                 resume=resume,
                 force=force,
+                fsdp=fsdp,
                 on_stage=on_stage,
                 on_step=on_step,
             )
@@ -748,6 +862,8 @@ def train_cmd(
             _fail(
                 f"Interrupted; continue from the last checkpoint with `--resume --out {out}`.", 130
             )
+    if not main_rank:
+        return
     if as_json:
         _print_json(result.summary())
         return
@@ -770,10 +886,25 @@ def _restart_with_huge_page_malloc(argv: list[str]) -> None:
         restart_with_huge_page_malloc()
 
 
+def optional_values(argv: list[str]) -> list[str]:
+    """``--ray`` with no value (last, or before another option) means ``--ray local``.
+
+    Typer has no option with an optional value, so the bare flag is completed here.
+    """
+    out = []
+    for i, arg in enumerate(argv):
+        out.append(arg)
+        following = argv[i + 1] if i + 1 < len(argv) else None
+        if arg == "--ray" and (following is None or following.startswith("-")):
+            out.append("local")
+    return out
+
+
 def main() -> None:
     """Console-script entry point."""
     from llmtool.errors import watch_interrupts
 
+    sys.argv[1:] = optional_values(sys.argv[1:])
     _restart_with_huge_page_malloc(sys.argv)
     watch_interrupts()
     app()

@@ -243,6 +243,7 @@ def generate(
     stop: StopConditions | None = None,
     chat: bool = False,
     system: str | None = None,
+    row_seeds: Sequence[int] | None = None,
 ) -> GenerationResult:
     """Generate a continuation for each prompt, batched.
 
@@ -260,6 +261,7 @@ def generate(
             prompt (conversations, lists of ``{"role", "content"}`` messages, always are); the
             template's end-of-turn token then ends rows too.
         system: A system message put before each chat prompt that has none.
+        row_seeds: One sampling seed per prompt (instead of ``sampling.seed`` for the batch).
 
     Returns:
         The texts, token ids and timing.
@@ -283,6 +285,8 @@ def generate(
     )
     sampler = Sampler(sampling, tokenizer, stops.eos.tolist() or model.eos_token_ids())
     sampler.begin(rows)  # the processors' history and the grammar's rows
+    if row_seeds is not None:
+        sampler.seed_rows(row_seeds)
     steps = token_steps(
         decoder, sampler, lambda: decoder.prefill(rows), max_new_tokens, stops, pad_id
     )

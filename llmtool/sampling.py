@@ -134,6 +134,7 @@ class Sampler:
         config.validate()
         self.config = config
         self.rng = np.random.default_rng(config.seed)
+        self.row_rngs: list[np.random.Generator] | None = None  # seed_rows: one per row
         self.tokenizer = tokenizer
         self.eos_ids = [int(t) for t in eos_ids]
         self.rows: list[RowHistory] = []
@@ -160,6 +161,11 @@ class Sampler:
                 raise UsageError("Structured output needs the model's tokenizer")
             grammar = compile_grammar(self.config.json_schema, self.config.regex)
             self.constraint = Constraint(grammar, self.tokenizer, len(prompts), self.eos_ids)
+
+    def seed_rows(self, seeds: Sequence[int]) -> None:
+        """Give each row its own random generator, so a row's draws do not depend on the others
+        in its batch (batch generation: the same text whatever the batching or the workers)."""
+        self.row_rngs = [np.random.default_rng(int(s)) for s in seeds]
 
     def choose(self, step: Any) -> np.ndarray:
         """Tokens for a :class:`~llmtool.runtime.decoders.Step`: plain greedy reads the argmax."""
@@ -210,7 +216,8 @@ class Sampler:
                 self._keep_logprobs(i, token, finite[order], logp[order])
             return token
         top, probs = self._warp(scores)
-        choice = int(np.searchsorted(np.cumsum(probs), self.rng.random() * 1.0, side="right"))
+        rng = self.row_rngs[i] if self.row_rngs is not None else self.rng
+        choice = int(np.searchsorted(np.cumsum(probs), rng.random() * 1.0, side="right"))
         token = int(top[min(choice, len(top) - 1)])
         if cfg.logprobs is not None:
             self._keep_logprobs(i, token, top, np.log(probs))

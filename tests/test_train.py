@@ -448,6 +448,7 @@ def test_cli_train_json(tmp_path):
         "initial_val_perplexity",
         "final_val_perplexity",
         "tokens_per_s",
+        "world_size",
         "out",
     }
     assert (

@@ -37,6 +37,7 @@ class EvalOptions:
         cpu_arena: ONNX Runtime's CPU memory arena.
         huge_pages: Move a CPU session's weights onto 2 MB huge pages once loaded.
         allow_pickle: Accept pickle weights for PyTorch models.
+        ray: Score the perplexity passes on Ray Data actors: ``local`` or a cluster address.
     """
 
     data: Path | None = None
@@ -60,6 +61,7 @@ class EvalOptions:
     cpu_arena: bool = defaults.ORT_CPU_ARENA
     huge_pages: bool = defaults.ORT_HUGE_PAGES
     allow_pickle: bool = False
+    ray: str | None = None
 
 
 def parse_backends(values: list[str] | tuple[str, ...]) -> tuple[str, ...]:

@@ -25,13 +25,13 @@ import numpy as np
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.evaluate.data import Corpus, load_corpus
-from llmtool.evaluate.metrics import FidelityAccumulator, nll_summary, safe_exp, token_nll
+from llmtool.evaluate.metrics import FidelityAccumulator, nll_summary, safe_exp
+from llmtool.evaluate.passes import add_pass, score_pass
 from llmtool.evaluate.protocols import (
     Pass,
     Protocol,
     check_llama_cpp_length,
     make_protocol,
-    scored_logits,
 )
 from llmtool.evaluate.reference import Reference, check_same_tokens, load_reference
 from llmtool.runtime.model import OnnxCausalLM
@@ -232,18 +232,7 @@ def score(plan: Plan, on_window: Callable[[int, int], None] | None = None) -> Sc
         scores.fidelity = FidelityAccumulator()
     start = time.perf_counter()
     for i, (d, p) in enumerate(plan.passes):
-        logits = scored_logits(plan.model.window_logits, p)  # [n, V]
-        scores.nonfinite += int(logits.size - np.isfinite(logits).sum())
-        scores.per_document[d].append(token_nll(logits, p.targets))
-        if reference is not None and scores.fidelity is not None:
-            ref_logits = scored_logits(reference.logits_fn, p)
-            if ref_logits.shape[-1] != logits.shape[-1]:
-                raise UsageError(
-                    f"The reference has {ref_logits.shape[-1]} logits per token and the model {logits.shape[-1]}",
-                    "compare models with the same vocabulary.",
-                )
-            scores.fidelity.add(logits, ref_logits, p.targets)
-            scores.reference_nll.append(token_nll(ref_logits, p.targets))
+        add_pass(scores, d, score_pass(plan.model.window_logits, reference, p))
         if on_window is not None:
             on_window(i + 1, len(plan.passes))
     scores.seconds = time.perf_counter() - start
@@ -353,6 +342,7 @@ def evaluate_perplexity(
     preprocess: str | None = None,
     max_tokens: int | None = None,
     on_plan: Callable[[Plan], None] | None = None,
+    score_fn: Callable[..., Scores] | None = None,
 ) -> PerplexityResult:
     """Perplexity of an export on a text file, a directory of .txt files or JSONL.
 
@@ -377,6 +367,8 @@ def evaluate_perplexity(
         max_tokens: Score only the first passes, up to about this many tokens (see
             :func:`prepare`).
         on_plan: Called with the plan before scoring (how many passes and tokens will run).
+        score_fn: Runs the passes instead of :func:`score`, same signature (``--ray``:
+            :func:`llmtool.batch.ray.ray_scorer`).
 
     Raises:
         UsageError: Bad data or options, or a reference with another tokenizer or vocabulary.
@@ -391,7 +383,7 @@ def evaluate_perplexity(
     plan = prepare(model, corpus, proto, reference, max_tokens)
     if on_plan is not None:
         on_plan(plan)
-    scores = score(plan, on_window)
+    scores = (score_fn or score)(plan, on_window)
     result = summarize(plan, scores)
     if reference is not None:
         result.reference = reference_summary(reference, scores)

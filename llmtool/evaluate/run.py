@@ -226,6 +226,17 @@ def measure_perplexity(
             label[0] += f" (--max-tokens {options.max_tokens:,})"
         progress(label[0], 0, len(plan.passes))
 
+    score_fn = None
+    if options.ray is not None:
+        from llmtool.batch.ray import ray_scorer
+
+        score_fn = ray_scorer(
+            options.ray,
+            threads=options.threads,
+            reference=options.reference,
+            allow_pickle=options.allow_pickle,
+            session_options=settings.session_options,
+        )
     with torch_threads(options.threads if reference is not None else 0):
         result = evaluate_perplexity(
             settings.model,
@@ -237,6 +248,7 @@ def measure_perplexity(
             max_tokens=options.max_tokens,
             on_plan=on_plan,
             on_window=lambda done, total: progress(label[0], done, total),
+            score_fn=score_fn,
         )
     return result.to_dict(), reference
 

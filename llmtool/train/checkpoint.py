@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -191,20 +192,34 @@ def save_checkpoint(
     return root / name
 
 
+def load_weights(checkpoint: Checkpoint, model: Any, device: torch.device) -> None:
+    """Load a checkpoint's weights into the (unwrapped) model in place."""
+    from safetensors.torch import load_model
+
+    load_model(model, str(checkpoint.path / WEIGHTS), strict=True, device=str(device))
+
+
 def restore(
     checkpoint: Checkpoint,
-    model: Any,
-    optimizer: Any,
+    load_optimizer: Callable[[dict[str, Any]], None],
     scheduler: Any,
     scaler: Any,
     device: torch.device,
 ) -> TrainState:
-    """Load a checkpoint's weights, trainer state and RNG state in place; return its state."""
-    from safetensors.torch import load_model
+    """Load a checkpoint's trainer and RNG state in place (weights: :func:`load_weights`).
 
-    load_model(model, str(checkpoint.path / WEIGHTS), strict=True, device=str(device))
+    Args:
+        checkpoint: The checkpoint.
+        load_optimizer: Loads the optimizer's saved state dict (under FSDP, sharding it).
+        scheduler: The learning-rate schedule.
+        scaler: The gradient scaler.
+        device: Where the run trains.
+
+    Returns:
+        Its counters and curves.
+    """
     trainer = torch.load(checkpoint.path / STATE_PT, map_location=device, weights_only=True)
-    optimizer.load_state_dict(trainer["optimizer"])
+    load_optimizer(trainer["optimizer"])
     scheduler.load_state_dict(trainer["scheduler"])
     scaler.load_state_dict(trainer["scaler"])
     set_rng_state(trainer["rng"], device)

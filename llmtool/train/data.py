@@ -135,18 +135,35 @@ class BatchSampler:
     offset in ``[0, seq_len)``, and visits them in a random order; offset and order depend only
     on ``(seed, epoch)``.
 
+    Under torchrun every rank walks the same global order: a batch is the next
+    ``world_size * batch_size`` windows, of which rank ``r`` keeps rows ``[r * b, (r + 1) * b)``,
+    so ranks never share a window, none is skipped, and ``(epoch, cursor)`` counts global windows
+    (the same position at any world size for the same global batch).
+
     Args:
         tokens: [N] training ids.
         seq_len: Tokens per input row.
-        batch_size: Rows per batch.
+        batch_size: Rows per batch (per rank).
         seed: Seed of the order.
+        rank: This process's rank.
+        world_size: Ranks drawing from the order.
     """
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, batch_size: int, seed: int) -> None:
+    def __init__(
+        self,
+        tokens: np.ndarray,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         self.tokens = tokens
         self.seq_len = seq_len
         self.batch_size = batch_size
         self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
         self.epoch = 0
         self.cursor = 0
         self._starts = self._epoch_starts(0)
@@ -166,9 +183,9 @@ class BatchSampler:
         self._starts = self._epoch_starts(self.epoch)
 
     def next_batch(self) -> tuple[np.ndarray, np.ndarray]:
-        """Inputs and targets, [batch_size, seq_len] int64 each."""
+        """This rank's inputs and targets, [batch_size, seq_len] int64 each."""
         rows = []
-        for _ in range(self.batch_size):
+        for _ in range(self.batch_size * self.world_size):
             if self.cursor >= len(self._starts):
                 self.epoch += 1
                 self.cursor = 0
@@ -176,7 +193,8 @@ class BatchSampler:
             start = int(self._starts[self.cursor])
             self.cursor += 1
             rows.append(self.tokens[start : start + self.seq_len + 1])
-        window = np.stack(rows)  # [B, seq_len + 1]
+        mine = rows[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        window = np.stack(mine)  # [B, seq_len + 1]
         return window[:, :-1], window[:, 1:]
 
 

@@ -33,9 +33,11 @@ class TrainProgress:
         loss: Training loss of this step.
         lr: Learning rate used by this step.
         val_perplexity: The latest validation perplexity.
-        tokens_per_s: Training throughput so far (validation and checkpoints excluded).
+        tokens_per_s: Training throughput so far, over all ranks (validation and checkpoints
+            excluded).
         evaluated: A validation ran after this step.
         checkpointed: A checkpoint was written after this step.
+        world_size: Ranks of the job (1 without torchrun).
     """
 
     step: int
@@ -46,6 +48,7 @@ class TrainProgress:
     tokens_per_s: float
     evaluated: bool
     checkpointed: bool
+    world_size: int = 1
 
 
 @dataclass
@@ -58,7 +61,9 @@ class TrainResult:
         steps: Optimizer steps done.
         initial_val_perplexity: Validation perplexity of the untrained model.
         final_val_perplexity: Validation perplexity at the end.
-        tokens_per_s: Training tokens per second (validation and checkpoints excluded).
+        tokens_per_s: Training tokens per second over all ranks (validation and checkpoints
+            excluded).
+        world_size: Ranks that trained it (1 without torchrun).
         metrics: Everything in ``train_metrics.json``: options, curves, sizes, timing, machine.
     """
 
@@ -68,6 +73,7 @@ class TrainResult:
     initial_val_perplexity: float
     final_val_perplexity: float
     tokens_per_s: float
+    world_size: int = 1
     metrics: dict[str, Any] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -78,6 +84,7 @@ class TrainResult:
             "initial_val_perplexity": self.initial_val_perplexity,
             "final_val_perplexity": self.final_val_perplexity,
             "tokens_per_s": self.tokens_per_s,
+            "world_size": self.world_size,
             "out": str(self.out),
         }
 
@@ -94,6 +101,8 @@ def finish_run(
     amp: torch.dtype | None,
     resumed: bool,
     wall_start: float,
+    world_size: int = 1,
+    write: bool = True,
 ) -> TrainResult:
     """Write the model files and ``train_metrics.json`` into ``out``; return the result.
 
@@ -108,10 +117,13 @@ def finish_run(
         amp: The autocast dtype, or None.
         resumed: The run was resumed from a checkpoint.
         wall_start: ``time.perf_counter()`` when :func:`train_model` started.
+        world_size: Ranks of the job.
+        write: Write the files (under torchrun, rank 0 only; the others just get the result).
     """
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = sum(p.numel() for p in model.parameters())  # DTensors count their full size
     model.eval()
-    save_final(out, model.to("cpu"), special_ids(tokenizer))
+    if write:
+        save_final(out, model.to("cpu"), special_ids(tokenizer))
     initial, final = state.curve[0], state.curve[-1]
     tokens_per_s = state.tokens / state.train_seconds if state.train_seconds > 0 else 0.0
     metrics: dict[str, Any] = {
@@ -120,6 +132,7 @@ def finish_run(
         "initial_val_perplexity": initial["val_perplexity"],
         "final_val_perplexity": final["val_perplexity"],
         "tokens_per_s": tokens_per_s,
+        "world_size": world_size,
         "out": str(out.resolve()),
         "preset": options.preset,
         "parameters": n_params,
@@ -136,7 +149,8 @@ def finish_run(
         "curve": state.curve,
         "train_losses": state.train_losses,
     }
-    atomic_write_text(out / METRICS, json.dumps(metrics, indent=1) + "\n")
+    if write:
+        atomic_write_text(out / METRICS, json.dumps(metrics, indent=1) + "\n")
     return TrainResult(
         out=out.resolve(),
         arch=options.arch,
@@ -144,6 +158,7 @@ def finish_run(
         initial_val_perplexity=initial["val_perplexity"],
         final_val_perplexity=final["val_perplexity"],
         tokens_per_s=tokens_per_s,
+        world_size=world_size,
         metrics=metrics,
     )
 
