@@ -279,8 +279,13 @@ def generate_cmd(
     logprobs: int | None = typer.Option(
         None, help="With --json: each token's log-probability and N alternatives (0-20)."
     ),
+    num_beams: int = typer.Option(
+        1,
+        "--num-beams",
+        help="Encoder-decoder exports: beam search with N beams (as transformers' num_beams).",
+    ),
 ) -> None:
-    """Generate text from an export with ONNX Runtime."""
+    """Generate text from an export with ONNX Runtime (for an encoder-decoder: PROMPT is the source)."""
     from llmtool.chat_template import read_messages_file
     from llmtool.console import console, dim, err_console, plain
     from llmtool.generate import StopConditions, generate
@@ -313,15 +318,36 @@ def generate_cmd(
         logprobs=logprobs,
     )
     sampling.validate()
-    # Options and prompt lengths first: the manifest and tokenizer know the context, the
-    # (slow) session is not needed to refuse a request.
-    check_request(model_dir, prompts, max_new_tokens, chat, system)
     session_options = SessionOptions(
         intra_op_threads=threads,
         graph_optimization=graph_optimization,
         cpu_arena=cpu_arena,
         huge_pages=huge_pages,
     )
+    from llmtool.runtime.seq2seq import is_seq2seq_export
+
+    if is_seq2seq_export(model_dir):
+        _generate_seq2seq(
+            model_dir,
+            prompts,
+            max_new_tokens,
+            sampling,
+            num_beams,
+            conditions,
+            provider,
+            session_options,
+            stream=stream and not as_json,
+            as_json=as_json,
+            chat=chat,
+        )
+        return
+    if num_beams != 1:
+        from llmtool.errors import UsageError
+
+        raise UsageError("--num-beams is for encoder-decoder exports", "drop --num-beams.")
+    # Options and prompt lengths first: the manifest and tokenizer know the context, the
+    # (slow) session is not needed to refuse a request.
+    check_request(model_dir, prompts, max_new_tokens, chat, system)
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
     streaming = stream and not as_json and len(prompts) == 1
@@ -345,6 +371,56 @@ def generate_cmd(
         _print_json(result)
         return
     if streaming:
+        console.print()
+        err_console.print(timing_line(result, result["outputs"][0]))
+    else:
+        console.print(generation_table(result))
+
+
+def _generate_seq2seq(
+    model_dir: Path,
+    prompts: list[Any],
+    max_new_tokens: int,
+    sampling: Any,
+    num_beams: int,
+    conditions: Any,
+    provider: str,
+    session_options: Any,
+    *,
+    stream: bool,
+    as_json: bool,
+    chat: bool,
+) -> None:
+    """`generate` on an encoder-decoder export: each prompt is a source."""
+    from llmtool.console import console, dim, err_console, plain
+    from llmtool.errors import UsageError
+    from llmtool.reports import generation_table, timing_line
+    from llmtool.runtime.seq2seq import OnnxSeq2Seq
+    from llmtool.seq2seq.generate import generate_seq2seq
+
+    if chat or not all(isinstance(p, str) for p in prompts):
+        raise UsageError(
+            "--chat and --messages need a decoder-only export", "pass --prompt SOURCE."
+        )
+    model = OnnxSeq2Seq(model_dir, provider, options=session_options)
+    err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
+    streaming = stream and len(prompts) == 1 and num_beams == 1
+
+    def on_text(row: int, text: str) -> None:
+        console.print(plain(text), end="")
+
+    result = generate_seq2seq(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        num_beams=num_beams,
+        on_text=on_text if streaming else None,
+        stop=conditions,
+    ).to_dict()
+    if as_json:
+        _print_json(result)
+    elif streaming:
         console.print()
         err_console.print(timing_line(result, result["outputs"][0]))
     else:

@@ -42,6 +42,7 @@ LAYERS: dict[str, int] = {
     "llmtool.chat": 4,
     "llmtool.prompts": 4,
     "llmtool.train": 4,
+    "llmtool.seq2seq": 4,
     "llmtool.export.pipeline": 4,
     "llmtool.export.validate": 4,
     # 5 presentation
