@@ -643,8 +643,20 @@ def eval_cmd(
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
     ),
+    source_field: str = typer.Option(
+        "source", help="Encoder-decoder exports: the source's field in JSONL (or a TSV header)."
+    ),
+    target_field: str = typer.Option(
+        "target", help="Encoder-decoder exports: the target's field in JSONL (or a TSV header)."
+    ),
+    num_beams: int = typer.Option(
+        1, "--num-beams", help="Encoder-decoder exports: beams when generating for BLEU / chrF."
+    ),
 ) -> None:
     """Perplexity, fidelity to a reference and throughput of an export, gated against a baseline.
+
+    For an encoder-decoder export, --data is a TSV (source<TAB>target) or JSONL file of pairs:
+    perplexity of the targets given the sources, BLEU and chrF (sacrebleu) of generated targets.
 
     Exit codes: 0 success (and nothing worse than --baseline beyond --tolerance); 1 a metric
     regressed against --baseline; 2 bad input, or a baseline measured with another config
@@ -654,6 +666,11 @@ def eval_cmd(
 
     from llmtool.console import console, dim, err_console
     from llmtool.errors import RegressionError
+    from llmtool.runtime.seq2seq import is_seq2seq_export
+
+    if is_seq2seq_export(model_dir):
+        _eval_seq2seq(model_dir, data, source_field, target_field, num_beams, provider, json_path)
+        return
     from llmtool.evaluate.gate import parse_tolerance
     from llmtool.evaluate.render import check_plot_path, rich_tables, write_reports
     from llmtool.evaluate.run import EvalOptions, parse_backends, run_eval
@@ -714,6 +731,55 @@ def eval_cmd(
         )
 
 
+def _eval_seq2seq(
+    model_dir: Path,
+    data: Path | None,
+    source_field: str,
+    target_field: str,
+    num_beams: int,
+    provider: str,
+    json_path: Path | None,
+) -> None:
+    """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from llmtool.console import console, dim, err_console
+    from llmtool.errors import UsageError
+    from llmtool.fsutil import write_json
+    from llmtool.seq2seq.evaluate import evaluate_seq2seq
+
+    if data is None:
+        raise UsageError("No --data given", "pass a TSV or JSONL file of source/target pairs.")
+    with eval_progress(err_console) as progress:
+        task = progress.add_task("Starting", total=None)
+        record = evaluate_seq2seq(
+            model_dir,
+            data,
+            source_field=source_field,
+            target_field=target_field,
+            num_beams=num_beams,
+            provider=provider,
+            on_progress=lambda text, done, total: progress.update(
+                task, description=escape(text), completed=done, total=total
+            ),
+        )
+    table = Table(title=f"{record['model_type']} on {record['pairs']} pairs")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    se = record["standard_error"]
+    table.add_row("target perplexity", f"{record['perplexity']:.4g}")
+    table.add_row("NLL ± standard error", f"{record['nll']:.4f} ± {se:.4f}" if se else "-")
+    table.add_row("target tokens", str(record["tokens"]))
+    table.add_row("BLEU", f"{record['bleu']:.2f}")
+    table.add_row("chrF", f"{record['chrf']:.2f}")
+    table.add_row("decoder tok/s", f"{record['timing']['decoder_tokens_per_s']:.1f}")
+    console.print(table)
+    if json_path is not None:
+        write_json(json_path, record)
+        err_console.print(dim(f"Wrote {json_path}"), soft_wrap=True)
+
+
 @app.command("train")
 @handle_errors
 def train_cmd(
@@ -724,7 +790,9 @@ def train_cmd(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (or --resume)."),
     arch: str | None = typer.Option(
-        None, help=f"llama, gpt2, lstm or rnn (default: {defaults.TRAIN_ARCH})."
+        None,
+        help=f"llama, gpt2, lstm or rnn (default: {defaults.TRAIN_ARCH}); t5 or bart: an "
+        "encoder-decoder on a TSV / JSONL of source-target pairs.",
     ),
     preset: str | None = typer.Option(
         None, help=f"tiny (CPU), small or base (GPU) (default: {defaults.TRAIN_PRESET})."
@@ -767,7 +835,12 @@ def train_cmd(
 
     from llmtool.console import console, dim, err_console
     from llmtool.reports import train_table
+    from llmtool.seq2seq.train import SEQ2SEQ_ARCHS
     from llmtool.train import TrainOptions, TrainProgress, train_model
+
+    if arch in SEQ2SEQ_ARCHS:
+        _train_seq2seq(data, out, arch, preset, steps, batch_size, lr, seed, device, force, as_json)
+        return
 
     columns = (
         TextColumn("{task.description}"),
@@ -828,6 +901,69 @@ def train_cmd(
         _print_json(result.summary())
         return
     console.print(train_table(result.metrics))
+
+
+def _train_seq2seq(
+    data: Path | None,
+    out: Path,
+    arch: str,
+    preset: str | None,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int | None,
+    device: str,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """`train --arch t5|bart`: an encoder-decoder on source/target pairs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from llmtool.console import console, dim, err_console
+    from llmtool.errors import UsageError
+    from llmtool.reports import train_table
+    from llmtool.seq2seq.train import Seq2SeqTrainOptions, train_seq2seq
+
+    if data is None:
+        raise UsageError("No --data given", "pass --data PAIRS.tsv (source<TAB>target lines).")
+    options = Seq2SeqTrainOptions(
+        arch=arch,
+        preset=preset or "tiny",
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=defaults.SEED if seed is None else seed,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} · val ppl {task.fields[ppl]}"),
+    )
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("Preparing", total=None, loss="-", ppl="-")
+        metrics = train_seq2seq(
+            data,
+            out,
+            options,
+            device=device,
+            force=force,
+            on_stage=lambda text: progress.console.print(dim(text)),
+            on_step=lambda p: progress.update(
+                task,
+                description="Training",
+                completed=p.step,
+                total=p.steps,
+                loss=f"{p.loss:.3f}",
+                ppl=f"{p.val_perplexity:.2f}",
+            ),
+        )
+    if as_json:
+        _print_json({k: v for k, v in metrics.items() if k != "curve"})
+        return
+    table = train_table(metrics)
+    table.add_row("exact match (held-out, greedy)", f"{100 * metrics['exact_match']:.1f}%")
+    console.print(table)
 
 
 MALLOC_HUGE_PAGE_COMMANDS = ("generate", "eval")  # the commands that run CPU sessions
