@@ -47,7 +47,7 @@ def _reference(hf, sources, **kwargs):
 def test_export_writes_two_validated_graphs(seq2seq_export):
     import onnx
 
-    arch, _, out, result = seq2seq_export
+    arch, _, out, _result = seq2seq_export
     manifest = json.loads((out / "llmtool.json").read_text())
     assert manifest["kind"] == "seq2seq" and manifest["model_type"] == arch
     v = manifest["validation"]

@@ -44,7 +44,9 @@ def test_pairs_formats_and_errors(tmp_path):
 
     assert [p.target for p in read_pairs(_write_pairs(tmp_path / "a.tsv"))] == list(TARGETS)
     jsonl = tmp_path / "a.jsonl"
-    jsonl.write_text("\n".join(json.dumps({"en": s, "de": t}) for s, t in zip(SOURCES, TARGETS)))
+    jsonl.write_text(
+        "\n".join(json.dumps({"en": s, "de": t}) for s, t in zip(SOURCES, TARGETS, strict=False))
+    )
     assert read_pairs(jsonl, "en", "de")[1].source == SOURCES[1]
     with pytest.raises(UsageError, match=r"a.jsonl:1 has no 'source' field"):
         read_pairs(jsonl)
@@ -129,7 +131,7 @@ def test_train_t5_loss_falls_and_exports(tmp_path):
     from llmtool.export import export_model
 
     rnd = random.Random(0)
-    words = "red blue green cat dog sun".split()
+    words = ["red", "blue", "green", "cat", "dog", "sun"]
     lines = []
     for _ in range(200):
         w = [rnd.choice(words) for _ in range(rnd.randint(3, 5))]

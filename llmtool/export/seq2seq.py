@@ -188,7 +188,8 @@ def _wrappers(model: Any) -> tuple[Any, Any]:
             )
             presents = []
             for i in range(layers):
-                s, c = cache.self_attention_cache.layers[i], cache.cross_attention_cache.layers[i]
+                s: Any = cache.self_attention_cache.layers[i]
+                c: Any = cache.cross_attention_cache.layers[i]
                 presents += [s.keys, s.values, c.keys, c.values]
             return (out.logits, *presents)
 

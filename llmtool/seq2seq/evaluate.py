@@ -36,7 +36,8 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
 def target_nll(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = EVAL_BATCH) -> np.ndarray:
     """[N] NLL (nats) of every target token given its source, over all pairs in order."""
     tok = model.tokenizer
-    eos = (model.eos_token_ids() or [None])[0]
+    eos_ids = model.eos_token_ids()
+    eos = eos_ids[0] if eos_ids else None
     sources = [list(tok(p.source)["input_ids"]) for p in pairs]
     model.check_sources(sources)
     targets = [target_ids(tok, p.target, eos) for p in pairs]

@@ -26,7 +26,8 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-from llmtool.seq2seq.pairs import Pair, read_pairs, target_ids
+from llmtool.seq2seq.batches import encode_pairs, exact_match, make_batch, val_loss
+from llmtool.seq2seq.pairs import Pair, read_pairs
 
 SEQ2SEQ_ARCHS = ("t5", "bart")
 
@@ -76,9 +77,13 @@ def build_seq2seq(arch: str, preset: Seq2SeqPreset, vocab_size: int, special: in
         T5ForConditionalGeneration,
     )
 
-    ids = {"pad_token_id": special, "eos_token_id": special, "decoder_start_token_id": special}
+    ids: dict[str, Any] = {
+        "pad_token_id": special,
+        "eos_token_id": special,
+        "decoder_start_token_id": special,
+    }
     if arch == "t5":
-        config = T5Config(
+        config: Any = T5Config(  # type: ignore[call-arg]
             vocab_size=vocab_size,
             d_model=preset.d_model,
             d_kv=preset.d_model // preset.heads,
@@ -129,73 +134,6 @@ def check_options(options: Seq2SeqTrainOptions) -> Seq2SeqPreset:
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     return PRESETS[options.preset]
-
-
-def _encode(
-    tokenizer: Any, pairs: list[Pair], eos: int, limit: int
-) -> list[tuple[list[int], list[int]]]:
-    """(source ids, target ids ending in EOS) per pair; refuses sides past ``limit`` tokens."""
-    rows = []
-    for p in pairs:
-        src, tgt = list(tokenizer(p.source)["input_ids"]), target_ids(tokenizer, p.target, eos)
-        if len(src) > limit or len(tgt) > limit:
-            raise UsageError(
-                f"{p.where} has {max(len(src), len(tgt))} tokens, more than the preset's {limit}",
-                "shorten the pair.",
-            )
-        rows.append((src, tgt))
-    return rows
-
-
-def _batch(rows: list[tuple[list[int], list[int]]], pad: int) -> dict[str, Any]:
-    """Right-padded tensors: input_ids, attention_mask, labels (-100 on padding)."""
-    import torch
-
-    src_len = max(len(s) for s, _ in rows)
-    tgt_len = max(len(t) for _, t in rows)
-    ids = torch.full((len(rows), src_len), pad, dtype=torch.long)
-    mask = torch.zeros((len(rows), src_len), dtype=torch.long)
-    labels = torch.full((len(rows), tgt_len), -100, dtype=torch.long)
-    for i, (s, t) in enumerate(rows):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s), 1
-        labels[i, : len(t)] = torch.tensor(t)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
-def _val_loss(model: Any, rows: list[tuple[list[int], list[int]]], pad: int, device: Any) -> float:
-    """Mean NLL per held-out target token."""
-    import torch
-
-    model.eval()
-    total, count = 0.0, 0
-    with torch.no_grad():
-        for i in range(0, len(rows), 64):
-            batch = {k: v.to(device) for k, v in _batch(rows[i : i + 64], pad).items()}
-            logits = model(**batch).logits
-            labels = batch["labels"]
-            total += torch.nn.functional.cross_entropy(
-                logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, reduction="sum"
-            ).item()
-            count += int((labels != -100).sum())
-    model.train()
-    return total / max(count, 1)
-
-
-def exact_match(model: Any, tokenizer: Any, pairs: list[Pair], device: Any) -> float:
-    """Fraction of pairs whose greedy output (PyTorch) equals the target text exactly."""
-    import torch
-
-    model.eval()
-    hits = 0
-    for i in range(0, len(pairs), 64):
-        chunk = pairs[i : i + 64]
-        enc = tokenizer([p.source for p in chunk], return_tensors="pt", padding=True).to(device)
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=64, do_sample=False, num_beams=1)
-        texts = tokenizer.batch_decode(out, skip_special_tokens=True)
-        hits += sum(t.strip() == p.target.strip() for t, p in zip(texts, chunk, strict=True))
-    model.train()
-    return hits / len(pairs)
 
 
 def train_seq2seq(
@@ -270,8 +208,8 @@ def _train(
     texts = [p.source for p in pairs] + [p.target for p in pairs]
     tokenizer = train_bpe_tokenizer(texts, vocab_size=preset.vocab_size)
     special = int(tokenizer.eos_token_id)
-    train_rows = _encode(tokenizer, train_pairs, special, preset.max_positions)
-    val_rows = _encode(tokenizer, val_pairs, special, preset.max_positions)
+    train_rows = encode_pairs(tokenizer, train_pairs, special, preset.max_positions)
+    val_rows = encode_pairs(tokenizer, val_pairs, special, preset.max_positions)
     torch.manual_seed(options.seed)
     model = build_seq2seq(options.arch, preset, len(tokenizer), special).to(dev)
     model.train()
@@ -370,7 +308,7 @@ def _loop(
         {
             "step": 0,
             "train_loss": None,
-            "val_loss": _val_loss(model, val_rows, special, dev),
+            "val_loss": val_loss(model, val_rows, special, dev),
             "exact_match": 0.0,
             "train_seconds": 0.0,
         }
@@ -379,7 +317,9 @@ def _loop(
     for step in range(1, steps + 1):
         start = time.perf_counter()
         picked = rng.integers(0, len(train_rows), batch_size)
-        batch = {k: v.to(dev) for k, v in _batch([train_rows[i] for i in picked], special).items()}
+        batch = {
+            k: v.to(dev) for k, v in make_batch([train_rows[i] for i in picked], special).items()
+        }
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(dev.type, dtype=amp or torch.float32, enabled=amp is not None):
             loss = model(**batch).loss
@@ -396,7 +336,7 @@ def _loop(
                 {
                     "step": step,
                     "train_loss": float(np.mean(since)),
-                    "val_loss": _val_loss(model, val_rows, special, dev),
+                    "val_loss": val_loss(model, val_rows, special, dev),
                     "exact_match": exact_match(model, probe[0], probe[1], dev),
                     "train_seconds": train_seconds,
                 }
