@@ -88,3 +88,17 @@ def save_tiny_seq2seq(arch: str, tokenizer, path: Path, seed: int = 0) -> Path:
     model.generation_config.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+_EXPORTS: dict[str, tuple] = {}
+
+
+def tiny_seq2seq_export(arch: str, tokenizer, tmp_path_factory) -> tuple:
+    """(hf_dir, onnx_dir) of a tiny ``arch`` model, exported once per test session."""
+    if arch not in _EXPORTS:
+        from llmtool.export import export_model
+
+        hf = save_tiny_seq2seq(arch, tokenizer, tmp_path_factory.mktemp(f"hf-{arch}"))
+        out = tmp_path_factory.mktemp(f"onnx-{arch}") / "model"
+        _EXPORTS[arch] = (hf, out, export_model(hf, out))
+    return _EXPORTS[arch]

@@ -14,20 +14,16 @@ import sys
 
 import numpy as np
 import pytest
-from _seq2seq import SOURCES, save_tiny_seq2seq
+from _seq2seq import SOURCES, tiny_seq2seq_export
 
 torch = pytest.importorskip("torch")
 
 TARGETS = ("Der schnelle braune Fuchs.", "Es war einmal", "Es war die beste Zeit")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bart_export(tokenizer, tmp_path_factory):
-    from llmtool.export import export_model
-
-    hf = save_tiny_seq2seq("bart", tokenizer, tmp_path_factory.mktemp("hf-bart-eval"))
-    out = tmp_path_factory.mktemp("onnx-bart-eval") / "model"
-    export_model(hf, out)
+    hf, out, _ = tiny_seq2seq_export("bart", tokenizer, tmp_path_factory)
     return hf, out
 
 
@@ -108,6 +104,10 @@ def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
         str(out),
         "--data",
         str(_write_pairs(tmp_path / "p.tsv")),
+        "--source-field",
+        "source",
+        "--target-field",
+        "target",
         "--provider",
         "cpu",
         "--json",
@@ -133,7 +133,7 @@ def test_train_t5_loss_falls_and_exports(tmp_path):
     rnd = random.Random(0)
     words = ["red", "blue", "green", "cat", "dog", "sun"]
     lines = []
-    for _ in range(200):
+    for _ in range(120):
         w = [rnd.choice(words) for _ in range(rnd.randint(3, 5))]
         lines.append(" ".join(w) + "\t" + " ".join(reversed(w)))
     data = tmp_path / "rev.tsv"
@@ -149,7 +149,7 @@ def test_train_t5_loss_falls_and_exports(tmp_path):
             "--out",
             str(tmp_path / "m"),
             "--steps",
-            "40",
+            "30",
             "--batch-size",
             "16",
             "--device",
