@@ -232,3 +232,26 @@ def test_cli_generate_in_process_and_refusals(tokenizer, tmp_path_factory, tmp_p
     assert res.exit_code == 2 and "--fused" in res.output
     res = runner.invoke(app, ["generate", str(out), "-p", "x", "--chat", "--provider", "cpu"])
     assert res.exit_code == 2 and "decoder-only" in res.output
+
+
+def test_generation_config_rules_as_transformers(tokenizer, tmp_path_factory, tmp_path):
+    """forced_bos / forced_eos / min_length / bad_words_ids from generation_config.json."""
+    import shutil
+
+    from llmtool.seq2seq.generate import generate_seq2seq
+
+    hf, out, _ = tiny_seq2seq_export("bart", tokenizer, tmp_path_factory)
+    rules = {"forced_bos_token_id": 7, "min_length": 6, "bad_words_ids": [[34], [259]]}
+    dirs = []
+    for src in (hf, out):
+        dst = shutil.copytree(src, tmp_path / src.name)
+        config = json.loads((dst / "generation_config.json").read_text())
+        config.update(rules, forced_eos_token_id=config["eos_token_id"])
+        (dst / "generation_config.json").write_text(json.dumps(config))
+        dirs.append(dst)
+    for beams in (1, 3):
+        got = generate_seq2seq(dirs[1], SOURCES, max_new_tokens=10, num_beams=beams, provider="cpu")
+        ref = _reference(dirs[0], SOURCES, max_new_tokens=10, num_beams=beams)
+        assert [o.token_ids for o in got.outputs] == ref, beams
+        assert all(o.token_ids[0] == 7 and 34 not in o.token_ids for o in got.outputs)
+        assert all(len(o.token_ids) >= 5 for o in got.outputs)

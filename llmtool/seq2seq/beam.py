@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from llmtool.runtime.seq2seq import Seq2SeqDecoder
+from llmtool.seq2seq.constraints import Constraints
 
 NEG = np.float32(-1.0e9)
 
@@ -76,8 +77,12 @@ def beam_search(
     start: int,
     eos: Sequence[int],
     pad: int,
+    constraints: Constraints | None = None,
 ) -> BeamResult:
     """Run a beam search for every source at once.
+
+    ``constraints`` (the generation config's forced / banned tokens and minimum length) apply
+    to the log-probabilities, as transformers' logits processors do in its beam search.
 
     Returns:
         The best finished hypothesis per source (tokens after the start token).
@@ -106,7 +111,10 @@ def beam_search(
     while True:
         steps += 1
         vocab = logits.shape[-1]
-        scores = log_softmax(logits).reshape(batch, beams, vocab) + running_scores[:, :, None]
+        logp = log_softmax(logits)
+        if constraints is not None:
+            logp = constraints.apply(logp, cur_len, max_len)
+        scores = logp.reshape(batch, beams, vocab) + running_scores[:, :, None]
         scores = scores.reshape(batch, beams * vocab)
         top = _topk(scores, keep)  # [batch, keep]
         top_scores = np.take_along_axis(scores, top, axis=1)

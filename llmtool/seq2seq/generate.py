@@ -31,10 +31,12 @@ from llmtool.generate import (
     token_steps,
 )
 from llmtool.prompts import check_max_new_tokens
-from llmtool.runtime.seq2seq import OnnxSeq2Seq
+from llmtool.runtime.decoders import Decoder, Step
+from llmtool.runtime.seq2seq import OnnxSeq2Seq, Seq2SeqDecoder
 from llmtool.runtime.session import SessionOptions
 from llmtool.runtime.stopping import RowStops, StopConditions, decode_new_tokens
 from llmtool.sampling import Sampler, SamplingConfig
+from llmtool.seq2seq.constraints import Constraints
 
 
 @dataclass
@@ -42,6 +44,31 @@ class Seq2SeqTiming(GenerationTiming):
     """:class:`~llmtool.generate.GenerationTiming` plus the encoder's share of the prefill."""
 
     encoder_s: float = 0.0
+
+
+class ConstrainedDecoder(Decoder):
+    """A :class:`Seq2SeqDecoder` whose logits follow the generation config's :class:`Constraints`."""
+
+    def __init__(self, inner: Seq2SeqDecoder, constraints: Constraints, max_new_tokens: int):
+        self.inner, self.constraints = inner, constraints
+        self.max_length = 1 + max_new_tokens  # the decoder start token counts, as in transformers
+        self.cur_len = 1
+
+    def _step(self, step: Step) -> Step:
+        logits = self.constraints.apply(step.logits(), self.cur_len, self.max_length)
+        self.cur_len += 1
+        return Step(logits)
+
+    def prefill(self, rows: Any) -> Step:
+        return self._step(self.inner.prefill(rows))
+
+    def step(self, tokens: np.ndarray) -> Step:
+        return self._step(self.inner.step(tokens))
+
+
+def constraints_of(model: OnnxSeq2Seq) -> Constraints:
+    """The export's generation-config rules (forced / banned tokens, minimum length)."""
+    return Constraints.of(model.generation_config, model.eos_token_ids())
 
 
 def beam_defaults(model: OnnxSeq2Seq) -> tuple[float, bool | str]:
@@ -143,7 +170,8 @@ def generate_seq2seq(
         )
     eos = np.array(model.eos_token_ids() if stop.eos else [], dtype=np.int64)
     stops = RowStops(len(rows), eos, stop)
-    decoder = model.decoder()
+    inner = model.decoder()
+    decoder = ConstrainedDecoder(inner, constraints_of(model), max_new_tokens)
     sampler = Sampler(sampling, model.tokenizer, model.eos_token_ids())
     sampler.begin([[model.decoder_start_token_id]] * len(rows))
     steps = token_steps(
@@ -154,7 +182,7 @@ def generate_seq2seq(
     for row, out in enumerate(outputs):
         out.logprobs = sampler.token_logprobs(row, len(out.token_ids))
     timing = _timing(streamed.prefill_s, streamed.decode_s, streamed.decode_tokens, rows)
-    timing.encoder_s = decoder.encoder_seconds
+    timing.encoder_s = inner.encoder_seconds
     return GenerationResult(
         model.provider, outputs, timing, sampling, huge_pages=model.huge_pages.to_dict()
     )
@@ -188,7 +216,13 @@ def _beam(
     decoder = model.decoder()
     start = time.perf_counter()
     result = beam_search(
-        decoder, rows, settings, model.decoder_start_token_id, eos, model.pad_token_id
+        decoder,
+        rows,
+        settings,
+        model.decoder_start_token_id,
+        eos,
+        model.pad_token_id,
+        constraints_of(model),
     )
     seconds = time.perf_counter() - start
     outputs = []
