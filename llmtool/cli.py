@@ -669,7 +669,9 @@ def eval_cmd(
     from llmtool.runtime.seq2seq import is_seq2seq_export
 
     if is_seq2seq_export(model_dir):
-        _eval_seq2seq(model_dir, data, source_field, target_field, num_beams, provider, json_path)
+        _eval_seq2seq(
+            model_dir, data, (source_field, target_field), num_beams, provider, reference, json_path
+        )
         return
     from llmtool.evaluate.gate import parse_tolerance
     from llmtool.evaluate.render import check_plot_path, rich_tables, write_reports
@@ -734,10 +736,10 @@ def eval_cmd(
 def _eval_seq2seq(
     model_dir: Path,
     data: Path | None,
-    source_field: str,
-    target_field: str,
+    fields: tuple[str, str],
     num_beams: int,
     provider: str,
+    reference: str | None,
     json_path: Path | None,
 ) -> None:
     """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing."""
@@ -756,10 +758,11 @@ def _eval_seq2seq(
         record = evaluate_seq2seq(
             model_dir,
             data,
-            source_field=source_field,
-            target_field=target_field,
+            source_field=fields[0],
+            target_field=fields[1],
             num_beams=num_beams,
             provider=provider,
+            reference=reference,
             on_progress=lambda text, done, total: progress.update(
                 task, description=escape(text), completed=done, total=total
             ),
@@ -774,6 +777,11 @@ def _eval_seq2seq(
     table.add_row("BLEU", f"{record['bleu']:.2f}")
     table.add_row("chrF", f"{record['chrf']:.2f}")
     table.add_row("decoder tok/s", f"{record['timing']['decoder_tokens_per_s']:.1f}")
+    if "fidelity" in record:
+        f = record["fidelity"]
+        table.add_row("ΔPPL vs reference", f"{f['delta_perplexity']:+.4g}")
+        table.add_row("KL mean (nats)", f"{f['kl_divergence']['mean']:.3g}")
+        table.add_row("top-1 agreement", f"{100 * f['top1_agreement']:.1f}%")
     console.print(table)
     if json_path is not None:
         write_json(json_path, record)

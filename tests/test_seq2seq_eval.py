@@ -63,8 +63,9 @@ def test_perplexity_bleu_chrf_equal_references(bart_export, tmp_path):
 
     hf, out = bart_export
     record = evaluate_seq2seq(
-        out, _write_pairs(tmp_path / "p.tsv"), max_new_tokens=8, provider="cpu"
+        out, _write_pairs(tmp_path / "p.tsv"), max_new_tokens=8, provider="cpu", reference=hf
     )
+
     model = AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
     tok = AutoTokenizer.from_pretrained(hf)
     eos = model.generation_config.eos_token_id
@@ -87,6 +88,10 @@ def test_perplexity_bleu_chrf_equal_references(bart_export, tmp_path):
     assert record["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [list(TARGETS)]).score)
     assert record["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [list(TARGETS)]).score)
     assert record["timing"]["decoder_tokens_per_s"] > 0
+    fidelity = record["fidelity"]  # the export against the PyTorch model it came from
+    assert fidelity["reference_perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-4)
+    assert fidelity["top1_agreement"] == 1.0 and fidelity["kl_divergence"]["max"] < 1e-6
+    assert fidelity["tokens"] == len(nll)
 
 
 def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
@@ -94,7 +99,7 @@ def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
 
     from llmtool.cli import app
 
-    _, out = bart_export
+    hf, out = bart_export
     report = tmp_path / "r.json"
     cmd = [
         sys.executable,
@@ -104,6 +109,8 @@ def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
         str(out),
         "--data",
         str(_write_pairs(tmp_path / "p.tsv")),
+        "--reference",
+        str(hf),
         "--source-field",
         "source",
         "--target-field",
@@ -115,7 +122,8 @@ def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "BLEU" in proc.stdout and json.loads(report.read_text())["pairs"] == 3
+    assert "BLEU" in proc.stdout and "top-1 agreement" in proc.stdout
+    assert json.loads(report.read_text())["fidelity"]["top1_agreement"] == 1.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"source": "x"}) + "\n")
     res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--provider", "cpu"])

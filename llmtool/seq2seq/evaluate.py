@@ -21,7 +21,7 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-from llmtool.evaluate.metrics import nll_summary, token_nll
+from llmtool.evaluate.metrics import FidelityAccumulator, nll_summary, token_nll
 from llmtool.runtime.seq2seq import OnnxSeq2Seq
 from llmtool.seq2seq.pairs import Pair, pairs_sha256, read_pairs, target_ids
 
@@ -33,8 +33,17 @@ def _batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
-def target_nll(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = EVAL_BATCH) -> np.ndarray:
-    """[N] NLL (nats) of every target token given its source, over all pairs in order."""
+def target_nll(
+    model: OnnxSeq2Seq,
+    pairs: list[Pair],
+    batch_size: int = EVAL_BATCH,
+    fidelity: tuple[Any, FidelityAccumulator] | None = None,
+) -> np.ndarray:
+    """[N] NLL (nats) of every target token given its source, over all pairs in order.
+
+    With ``fidelity`` (a PyTorch model and an accumulator), the reference's logits at the same
+    positions are compared with the export's (KL, top-1, ΔPPL).
+    """
     tok = model.tokenizer
     eos_ids = model.eos_token_ids()
     eos = eos_ids[0] if eos_ids else None
@@ -51,9 +60,41 @@ def target_nll(model: OnnxSeq2Seq, pairs: list[Pair], batch_size: int = EVAL_BAT
     nll = []
     for idx in _batches(list(range(len(pairs))), batch_size):
         logits = model.teacher_forced([sources[i] for i in idx], [targets[i] for i in idx])
-        for i, row in zip(idx, logits, strict=True):
-            nll.append(token_nll(row, np.array(targets[i], dtype=np.int64)))
+        refs = (
+            _torch_logits(fidelity[0], model, [sources[i] for i in idx], [targets[i] for i in idx])
+            if fidelity
+            else None
+        )
+        for j, (i, row) in enumerate(zip(idx, logits, strict=True)):
+            tgt = np.array(targets[i], dtype=np.int64)
+            nll.append(token_nll(row, tgt))
+            if fidelity is not None and refs is not None:
+                fidelity[1].add(row, refs[j], tgt)
     return np.concatenate(nll)
+
+
+def _torch_logits(
+    reference: Any, model: OnnxSeq2Seq, sources: list[list[int]], targets: list[list[int]]
+) -> list[np.ndarray]:
+    """The PyTorch reference's teacher-forced logits, per row [len(target), vocab]."""
+    import torch
+
+    from llmtool.runtime.decoders import pad_rows
+
+    ids, mask = pad_rows(sources, "right", model.pad_token_id)
+    inputs = [[model.decoder_start_token_id, *t[:-1]] for t in targets]
+    dec, _ = pad_rows(inputs, "right", model.pad_token_id)
+    with torch.no_grad():
+        logits = (
+            reference(
+                input_ids=torch.from_numpy(ids),
+                attention_mask=torch.from_numpy(mask),
+                decoder_input_ids=torch.from_numpy(dec),
+            )
+            .logits.float()
+            .numpy()
+        )
+    return [logits[i, : len(t)] for i, t in enumerate(targets)]
 
 
 def translation_scores(hypotheses: list[str], references: list[str]) -> dict[str, Any]:
@@ -91,6 +132,7 @@ def evaluate_seq2seq(
     max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     batch_size: int = EVAL_BATCH,
     provider: str = defaults.PROVIDER,
+    reference: str | Path | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Score an encoder-decoder export on a pairs file.
@@ -105,6 +147,8 @@ def evaluate_seq2seq(
         max_new_tokens: Longest generated target.
         batch_size: Pairs per batch.
         provider: ``auto``, ``cuda`` or ``cpu`` (when ``model`` is a directory).
+        reference: A PyTorch encoder-decoder directory scored on the same tokens: the record
+            gets ``fidelity`` (ΔPPL, ln(PPL/PPL_ref), KL divergence, top-1 agreement).
         on_progress: Called as ``(what, done, total)``.
 
     Returns:
@@ -118,7 +162,13 @@ def evaluate_seq2seq(
     pairs = read_pairs(data, source_field, target_field)
     progress = on_progress or (lambda what, done, total: None)
     progress("Scoring targets", 0, len(pairs))
-    nll = target_nll(model, pairs, batch_size)
+    fidelity = None
+    if reference is not None:
+        from llmtool.models.loading import resolve_spec
+        from llmtool.models.seq2seq import load_seq2seq
+
+        fidelity = (load_seq2seq(resolve_spec(reference)).model, FidelityAccumulator())
+    nll = target_nll(model, pairs, batch_size, fidelity)
     record: dict[str, Any] = {
         "schema": SCHEMA,
         "model": str(model.directory),
@@ -129,6 +179,8 @@ def evaluate_seq2seq(
         "tokens": len(nll),
         **nll_summary(nll),
     }
+    if fidelity is not None:
+        record["fidelity"] = {"reference": str(reference), **fidelity[1].report().to_dict()}
     if not generate:
         return record
     hypotheses: list[str] = []
