@@ -669,6 +669,13 @@ def eval_cmd(
     from llmtool.runtime.seq2seq import is_seq2seq_export
 
     if is_seq2seq_export(model_dir):
+        if throughput or baseline is not None:
+            from llmtool.errors import UsageError
+
+            raise UsageError(
+                "--throughput and --baseline are not available for encoder-decoder exports yet",
+                "drop them; the report already has encoder time, TTFT and decoder tok/s.",
+            )
         _eval_seq2seq(
             model_dir, data, (source_field, target_field), num_beams, provider, reference, json_path
         )

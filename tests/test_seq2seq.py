@@ -152,6 +152,10 @@ def test_bad_input_is_a_clear_usage_error(one_export, tmp_path):
             generate_seq2seq(out, ["word " * 300], provider="cpu")
     with pytest.raises(UsageError, match="--num-beams"):
         generate_seq2seq(out, ["x"], num_beams=0, provider="cpu")
+    from llmtool.runtime.model import OnnxCausalLM
+
+    with pytest.raises(UsageError, match="encoder-decoder export"):
+        OnnxCausalLM(out, "cpu")
 
 
 def test_unknown_encoder_decoder_is_refused(tmp_path, tokenizer):

@@ -128,6 +128,8 @@ def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
     bad.write_text(json.dumps({"source": "x"}) + "\n")
     res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--provider", "cpu"])
     assert res.exit_code == 2 and "no 'target' field" in res.output
+    res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--throughput"])
+    assert res.exit_code == 2 and "--throughput" in res.output
 
 
 def test_train_t5_loss_falls_and_exports(tmp_path):

@@ -181,6 +181,13 @@ def export_seq2seq(
     stage(f"Loading {spec.display}")
     with _timed(seconds, "load"):
         loaded = load_seq2seq(spec, allow_pickle=allow_pickle)
+    weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
+    if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD:
+        raise UsageError(
+            f"{spec.display} has {weight_bytes / 2**30:.1f} GiB of fp32 weights; encoder-decoder "
+            "graphs over 2 GB (external data) are not supported yet",
+            "export a smaller model (T5-base and BART-large fit).",
+        )
     with atomic_directory(out, force=force) as tmp:
         stage("Tracing the encoder and decoder graphs")
         with _timed(seconds, "build"):
