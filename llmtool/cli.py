@@ -854,7 +854,37 @@ def train_cmd(
     from llmtool.train import TrainOptions, TrainProgress, train_model
 
     if arch in SEQ2SEQ_ARCHS:
-        _train_seq2seq(data, out, arch, preset, steps, batch_size, lr, seed, device, force, as_json)
+        unsupported = {
+            "--resume": resume,
+            "--tokenizer": tokenizer,
+            "--vocab-size": vocab_size,
+            "--grad-accum": grad_accum,
+            "--seq-len": seq_len,
+            "--checkpoint-every": checkpoint_every,
+        }
+        given = [name for name, value in unsupported.items() if value]
+        if given:
+            from llmtool.errors import UsageError
+
+            raise UsageError(
+                f"{', '.join(given)} not available with --arch {arch} yet",
+                "drop them (encoder-decoder runs train from the preset, without checkpoints).",
+            )
+        _train_seq2seq(
+            data,
+            out,
+            arch,
+            preset,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            device,
+            force,
+            as_json,
+            eval_every,
+            val_fraction,
+        )
         return
 
     columns = (
@@ -930,6 +960,8 @@ def _train_seq2seq(
     device: str,
     force: bool,
     as_json: bool,
+    eval_every: int | None,
+    val_fraction: float | None,
 ) -> None:
     """`train --arch t5|bart`: an encoder-decoder on source/target pairs."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
@@ -948,6 +980,8 @@ def _train_seq2seq(
         batch_size=batch_size,
         lr=lr,
         seed=defaults.SEED if seed is None else seed,
+        eval_every=eval_every,
+        val_fraction=defaults.VAL_FRACTION if val_fraction is None else val_fraction,
     )
     columns = (
         TextColumn("{task.description}"),

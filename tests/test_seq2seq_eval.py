@@ -189,3 +189,8 @@ def test_train_t5_loss_falls_and_exports(tmp_path):
         ],
     )
     assert res.exit_code == 2 and "does not exist" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["train", "--arch", "bart", "--data", str(data), "--out", str(tmp_path / "m3"), "--resume"],
+    )
+    assert res.exit_code == 2 and "--resume not available" in res.output

@@ -129,6 +129,8 @@ def check_options(options: Seq2SeqTrainOptions) -> Seq2SeqPreset:
         )
     if options.preset not in PRESETS:
         raise UsageError(f"Unknown preset {options.preset!r} for {options.arch}", "use tiny.")
+    if not 0.0 < options.val_fraction < 1.0:
+        raise UsageError(f"--val-fraction must be in (0, 1), got {options.val_fraction}")
     for name in ("steps", "batch_size", "eval_every"):
         value = getattr(options, name)
         if value is not None and value < 1:
