@@ -43,6 +43,22 @@ def families(session: nox.Session) -> None:
 
 
 @nox.session
+def seq2seq(session: nox.Session) -> None:
+    """Every encoder-decoder check on T5, BART and Marian; then the tiny-T5 training acceptance."""
+    install_project(session, "[dev]")
+    session.run(
+        "pytest",
+        "-q",
+        "-m",
+        "seq2seq_full or not seq2seq_full",
+        "tests/test_seq2seq.py",
+        "tests/test_seq2seq_eval.py",
+        env=ENV,
+    )
+    session.run("python", "benchmarks/seq2seq_train.py", env=ENV)
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff lint and format check."""
     session.install("ruff==0.17.5")

@@ -307,8 +307,13 @@ def generate_cmd(
     batch_size: int = typer.Option(8, help="With --out: prompts per generation batch."),
     force: bool = typer.Option(False, "--force", help="With --out: start the results over."),
     ray: str | None = RAY_OPTION,
+    num_beams: int = typer.Option(
+        1,
+        "--num-beams",
+        help="Encoder-decoder exports: beam search with N beams (as transformers' num_beams).",
+    ),
 ) -> None:
-    """Generate text from an export with ONNX Runtime.
+    """Generate text from an export with ONNX Runtime (a seq2seq export's PROMPT is its source).
 
     With --out RESULTS.jsonl it is a resumable batch job over --prompt-file (text, or JSONL
     with "prompt" or "messages" and an optional id): each row gets its own seed, derived from
@@ -369,6 +374,27 @@ def generate_cmd(
         )
         _generate_file(job, prompt_file, out, id_field, force, ray, as_json)
         return
+    from llmtool.runtime.seq2seq import is_seq2seq_export
+
+    if is_seq2seq_export(model_dir):
+        _generate_seq2seq(
+            model_dir,
+            prompts,
+            max_new_tokens,
+            sampling,
+            num_beams,
+            conditions,
+            provider,
+            session_options,
+            stream=stream and not as_json,
+            as_json=as_json,
+            chat=chat,
+        )
+        return
+    if num_beams != 1:
+        from llmtool.errors import UsageError
+
+        raise UsageError("--num-beams is for encoder-decoder exports", "drop --num-beams.")
     # Options and prompt lengths first: the manifest and tokenizer know the context, the
     # (slow) session is not needed to refuse a request.
     check_request(model_dir, prompts, max_new_tokens, chat, system)
@@ -451,6 +477,56 @@ def _generate_file(
         ),
         soft_wrap=True,
     )
+
+
+def _generate_seq2seq(
+    model_dir: Path,
+    prompts: list[Any],
+    max_new_tokens: int,
+    sampling: Any,
+    num_beams: int,
+    conditions: Any,
+    provider: str,
+    session_options: Any,
+    *,
+    stream: bool,
+    as_json: bool,
+    chat: bool,
+) -> None:
+    """`generate` on an encoder-decoder export: each prompt is a source."""
+    from llmtool.console import console, dim, err_console, plain
+    from llmtool.errors import UsageError
+    from llmtool.reports import generation_table, timing_line
+    from llmtool.runtime.seq2seq import OnnxSeq2Seq
+    from llmtool.seq2seq.generate import generate_seq2seq
+
+    if chat or not all(isinstance(p, str) for p in prompts):
+        raise UsageError(
+            "--chat and --messages need a decoder-only export", "pass --prompt SOURCE."
+        )
+    model = OnnxSeq2Seq(model_dir, provider, options=session_options)
+    err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
+    streaming = stream and len(prompts) == 1 and num_beams == 1
+
+    def on_text(row: int, text: str) -> None:
+        console.print(plain(text), end="")
+
+    result = generate_seq2seq(
+        model,
+        prompts,
+        max_new_tokens=max_new_tokens,
+        sampling=sampling,
+        num_beams=num_beams,
+        on_text=on_text if streaming else None,
+        stop=conditions,
+    ).to_dict()
+    if as_json:
+        _print_json(result)
+    elif streaming:
+        console.print()
+        err_console.print(timing_line(result, result["outputs"][0]))
+    else:
+        console.print(generation_table(result))
 
 
 def eval_progress(console: Any, get_time: Any = None) -> Any:
@@ -670,8 +746,20 @@ def eval_cmd(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
     ),
     ray: str | None = RAY_OPTION,
+    source_field: str = typer.Option(
+        "source", help="Encoder-decoder exports: the source's field in JSONL (or a TSV header)."
+    ),
+    target_field: str = typer.Option(
+        "target", help="Encoder-decoder exports: the target's field in JSONL (or a TSV header)."
+    ),
+    num_beams: int = typer.Option(
+        1, "--num-beams", help="Encoder-decoder exports: beams when generating for BLEU / chrF."
+    ),
 ) -> None:
     """Perplexity, fidelity to a reference and throughput of an export, gated against a baseline.
+
+    For an encoder-decoder export, --data is a TSV (source<TAB>target) or JSONL file of pairs:
+    perplexity of the targets given the sources, BLEU and chrF (sacrebleu) of generated targets.
 
     Exit codes: 0 success (and nothing worse than --baseline beyond --tolerance); 1 a metric
     regressed against --baseline; 2 bad input, or a baseline measured with another config
@@ -681,6 +769,20 @@ def eval_cmd(
 
     from llmtool.console import console, dim, err_console
     from llmtool.errors import RegressionError
+    from llmtool.runtime.seq2seq import is_seq2seq_export
+
+    if is_seq2seq_export(model_dir):
+        if throughput or baseline is not None or ray is not None:
+            from llmtool.errors import UsageError
+
+            raise UsageError(
+                "--throughput, --baseline and --ray are not available for encoder-decoder exports yet",
+                "drop them; the report already has encoder time, TTFT and decoder tok/s.",
+            )
+        _eval_seq2seq(
+            model_dir, data, (source_field, target_field), num_beams, provider, reference, json_path
+        )
+        return
     from llmtool.evaluate.gate import parse_tolerance
     from llmtool.evaluate.render import check_plot_path, rich_tables, write_reports
     from llmtool.evaluate.run import EvalOptions, parse_backends, run_eval
@@ -742,6 +844,61 @@ def eval_cmd(
         )
 
 
+def _eval_seq2seq(
+    model_dir: Path,
+    data: Path | None,
+    fields: tuple[str, str],
+    num_beams: int,
+    provider: str,
+    reference: str | None,
+    json_path: Path | None,
+) -> None:
+    """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    from llmtool.console import console, dim, err_console
+    from llmtool.errors import UsageError
+    from llmtool.fsutil import write_json
+    from llmtool.seq2seq.evaluate import evaluate_seq2seq
+
+    if data is None:
+        raise UsageError("No --data given", "pass a TSV or JSONL file of source/target pairs.")
+    with eval_progress(err_console) as progress:
+        task = progress.add_task("Starting", total=None)
+        record = evaluate_seq2seq(
+            model_dir,
+            data,
+            source_field=fields[0],
+            target_field=fields[1],
+            num_beams=num_beams,
+            provider=provider,
+            reference=reference,
+            on_progress=lambda text, done, total: progress.update(
+                task, description=escape(text), completed=done, total=total
+            ),
+        )
+    table = Table(title=f"{record['model_type']} on {record['pairs']} pairs")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    se = record["standard_error"]
+    table.add_row("target perplexity", f"{record['perplexity']:.4g}")
+    table.add_row("NLL ± standard error", f"{record['nll']:.4f} ± {se:.4f}" if se else "-")
+    table.add_row("target tokens", str(record["tokens"]))
+    table.add_row("BLEU", f"{record['bleu']:.2f}")
+    table.add_row("chrF", f"{record['chrf']:.2f}")
+    table.add_row("decoder tok/s", f"{record['timing']['decoder_tokens_per_s']:.1f}")
+    if "fidelity" in record:
+        f = record["fidelity"]
+        table.add_row("ΔPPL vs reference", f"{f['delta_perplexity']:+.4g}")
+        table.add_row("KL mean (nats)", f"{f['kl_divergence']['mean']:.3g}")
+        table.add_row("top-1 agreement", f"{100 * f['top1_agreement']:.1f}%")
+    console.print(table)
+    if json_path is not None:
+        write_json(json_path, record)
+        err_console.print(dim(f"Wrote {json_path}"), soft_wrap=True)
+
+
 @app.command("train")
 @handle_errors
 def train_cmd(
@@ -752,7 +909,9 @@ def train_cmd(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Directory to create (or --resume)."),
     arch: str | None = typer.Option(
-        None, help=f"llama, gpt2, lstm or rnn (default: {defaults.TRAIN_ARCH})."
+        None,
+        help=f"llama, gpt2, lstm or rnn (default: {defaults.TRAIN_ARCH}); t5 or bart: an "
+        "encoder-decoder on a TSV / JSONL of source-target pairs.",
     ),
     preset: str | None = typer.Option(
         None, help=f"tiny (CPU), small or base (GPU) (default: {defaults.TRAIN_PRESET})."
@@ -802,7 +961,42 @@ def train_cmd(
 
     from llmtool.console import console, dim, err_console
     from llmtool.reports import train_table
+    from llmtool.seq2seq.train import SEQ2SEQ_ARCHS
     from llmtool.train import TrainOptions, TrainProgress, train_model
+
+    if arch in SEQ2SEQ_ARCHS:
+        unsupported = {
+            "--resume": resume,
+            "--tokenizer": tokenizer,
+            "--vocab-size": vocab_size,
+            "--grad-accum": grad_accum,
+            "--seq-len": seq_len,
+            "--checkpoint-every": checkpoint_every,
+        }
+        given = [name for name, value in unsupported.items() if value]
+        if given:
+            from llmtool.errors import UsageError
+
+            raise UsageError(
+                f"{', '.join(given)} not available with --arch {arch} yet",
+                "drop them (encoder-decoder runs train from the preset, without checkpoints).",
+            )
+        _train_seq2seq(
+            data,
+            out,
+            arch,
+            preset,
+            steps,
+            batch_size,
+            lr,
+            seed,
+            device,
+            force,
+            as_json,
+            eval_every,
+            val_fraction,
+        )
+        return
 
     columns = (
         TextColumn("{task.description}"),
@@ -868,6 +1062,73 @@ def train_cmd(
         _print_json(result.summary())
         return
     console.print(train_table(result.metrics))
+
+
+def _train_seq2seq(
+    data: Path | None,
+    out: Path,
+    arch: str,
+    preset: str | None,
+    steps: int | None,
+    batch_size: int | None,
+    lr: float | None,
+    seed: int | None,
+    device: str,
+    force: bool,
+    as_json: bool,
+    eval_every: int | None,
+    val_fraction: float | None,
+) -> None:
+    """`train --arch t5|bart`: an encoder-decoder on source/target pairs."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from llmtool.console import console, dim, err_console
+    from llmtool.errors import UsageError
+    from llmtool.reports import train_table
+    from llmtool.seq2seq.train import Seq2SeqTrainOptions, train_seq2seq
+
+    if data is None:
+        raise UsageError("No --data given", "pass --data PAIRS.tsv (source<TAB>target lines).")
+    options = Seq2SeqTrainOptions(
+        arch=arch,
+        preset=preset or "tiny",
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        seed=defaults.SEED if seed is None else seed,
+        eval_every=eval_every,
+        val_fraction=defaults.VAL_FRACTION if val_fraction is None else val_fraction,
+    )
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]} · val ppl {task.fields[ppl]}"),
+    )
+    with Progress(*columns, console=err_console, transient=True) as progress:
+        task = progress.add_task("Preparing", total=None, loss="-", ppl="-")
+        metrics = train_seq2seq(
+            data,
+            out,
+            options,
+            device=device,
+            force=force,
+            on_stage=lambda text: progress.console.print(dim(text)),
+            on_step=lambda p: progress.update(
+                task,
+                description="Training",
+                completed=p.step,
+                total=p.steps,
+                loss=f"{p.loss:.3f}",
+                ppl=f"{p.val_perplexity:.2f}",
+            ),
+        )
+    if as_json:
+        _print_json({k: v for k, v in metrics.items() if k != "curve"})
+        return
+    table = train_table(metrics)
+    table.add_row("exact match (held-out, greedy)", f"{100 * metrics['exact_match']:.1f}%")
+    console.print(table)
 
 
 MALLOC_HUGE_PAGE_COMMANDS = ("generate", "eval")  # the commands that run CPU sessions

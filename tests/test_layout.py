@@ -43,6 +43,7 @@ LAYERS: dict[str, int] = {
     "llmtool.prompts": 4,
     "llmtool.train": 4,
     "llmtool.batch": 4,
+    "llmtool.seq2seq": 4,
     "llmtool.export.pipeline": 4,
     "llmtool.export.validate": 4,
     # 5 presentation

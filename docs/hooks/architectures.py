@@ -37,6 +37,18 @@ def render() -> str:
         fused = "yes" if entry.build_fused is not None else f"no: {entry.no_fused}"
         quantize = "yes" if entry.quantizable else "no"
         lines.append(f"| `{name}` | yes | {_cell(fused)} | {quantize} | {_cell(entry.note)} |")
+    from llmtool.export.seq2seq import SEQ2SEQ_TYPES
+
+    lines += [
+        "",
+        "Encoder-decoders (`llmtool.export.seq2seq.SEQ2SEQ_TYPES`; an encoder graph and one "
+        "cached decoder graph, fp32, no `--fused` or `--quantize` yet; see "
+        "[Encoder-decoder models](../seq2seq.md)):",
+        "",
+        "| family (`model_type`) | notes |",
+        "|---|---|",
+        *(f"| `{name}` | {_cell(note)} |" for name, note in sorted(SEQ2SEQ_TYPES.items())),
+    ]
     lines += [
         "",
         "Variants a static graph cannot express are refused from the config alone (exit 2, with "

@@ -308,6 +308,21 @@ def export_model(
         if on_stage is not None:
             on_stage(text)
 
+    from llmtool.seq2seq.export import export_seq2seq, wants_seq2seq
+
+    if wants_seq2seq(model):  # T5 / BART / Marian: an encoder and a decoder graph
+        return export_seq2seq(  # type: ignore[return-value]
+            model,
+            out,
+            dtype=dtype,
+            opset=opset,
+            fused=fused,
+            quantize=quantize,
+            force=force,
+            allow_pickle=allow_pickle,
+            on_stage=on_stage,
+        )
+
     request = check_request(
         model,
         out,

@@ -55,6 +55,11 @@ class OnnxCausalLM:
             )
         self.contract = Manifest.read(self.directory)
         self.manifest = self.contract.raw  # the file as read, for reports and eval records
+        if self.manifest.get("kind") == "seq2seq":
+            raise UsageError(
+                f"{self.directory} is an encoder-decoder export",
+                "use llmtool.runtime.seq2seq.OnnxSeq2Seq (the CLI picks it itself).",
+            )
         verify_files(self.directory, self.manifest, hashes=verify)
         self.layout = self.contract.layout
         self.padding = self.contract.padding

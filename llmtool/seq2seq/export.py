@@ -1,0 +1,212 @@
+"""``llmtool export`` for encoder-decoders: two validated graphs in one directory.
+
+The same stages as the decoder-only pipeline (:mod:`llmtool.export.pipeline`), which hands any
+config with ``is_encoder_decoder`` over to :func:`export_seq2seq`::
+
+    check the request ─► load (AutoModelForSeq2SeqLM) ─► in a temporary directory: trace both
+        graphs, write config / generation config / tokenizer / llmtool.json ─► validate against
+        PyTorch ─► rename into place
+
+llmtool.json gets ``"kind": "seq2seq"``, a ``graphs`` record (each graph's file, inputs and
+outputs), the decoder's ``cache`` entries (``kind`` ``self`` or ``cross``), and the fields the
+runtime reads: ``hidden_size``, ``decoder_start_token_id``, ``max_source_positions``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from llmtool import defaults
+from llmtool.errors import UsageError, ValidationError
+
+OPSETS = range(17, 22)
+
+
+@dataclass
+class Seq2SeqExportResult:
+    """What :func:`export_seq2seq` returns (the fields of the decoder pipeline's result).
+
+    Attributes:
+        out: The export directory.
+        manifest: The contents of its llmtool.json.
+        seconds: Stage timings (load, build, validate).
+    """
+
+    out: Path
+    manifest: dict[str, Any]
+    seconds: dict[str, float]
+
+    @property
+    def validation(self) -> dict[str, Any]:
+        return dict(self.manifest["validation"])
+
+
+def wants_seq2seq(model: str | Path) -> bool:
+    """Whether ``model`` is a Hugging Face directory of an encoder-decoder (cheap: config only)."""
+    import json
+
+    path = Path(str(model)).expanduser() / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and bool(config.get("is_encoder_decoder"))
+
+
+def check_seq2seq_options(dtype: str, opset: int, fused: bool, quantize: str | None) -> None:
+    """Refuse the export variants an encoder-decoder cannot have yet, before loading anything.
+
+    Raises:
+        UsageError: fp16, ``--fused``, ``--quantize`` or an opset outside 17-21.
+    """
+    if dtype != "fp32":
+        raise UsageError(
+            "Encoder-decoder exports are fp32 only for now", "drop --dtype or use --dtype fp32."
+        )
+    if fused:
+        raise UsageError(
+            "--fused is not available for encoder-decoder models", "export without --fused."
+        )
+    if quantize:
+        raise UsageError(
+            "--quantize is not available for encoder-decoder models yet",
+            "export without --quantize.",
+        )
+    if opset not in OPSETS:
+        raise UsageError(
+            f"Opset {opset} is not supported", f"use an opset from {OPSETS[0]} to {OPSETS[-1]}."
+        )
+
+
+@contextlib.contextmanager
+def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
+
+
+def _manifest(tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int) -> dict[str, Any]:
+    """llmtool.json of the traced graphs (validation is added after it runs)."""
+    from llmtool.export.seq2seq import DECODER_FILE, ENCODER_FILE, Seq2SeqDims, cache_entries
+    from llmtool.manifest import FORMAT, FORMAT_VERSION, file_record, tool_versions
+
+    model, spec = loaded.model, loaded.spec
+    config = model.config
+    dims = Seq2SeqDims.of(config)
+    start = config.decoder_start_token_id
+    if start is None:
+        start = loaded.generation_config.decoder_start_token_id
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "kind": "seq2seq",
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"spec": spec.source, "kind": spec.kind, "path": spec.display},
+        "architecture": type(model).__name__,
+        "model_type": config.model_type,
+        "num_layers": dims.layers,
+        "vocab_size": dims.vocab_size,
+        "hidden_size": dims.hidden,
+        "max_source_positions": dims.max_source,
+        "max_positions": dims.max_source,  # learned / sinusoidal positions bound targets too
+        "decoder_start_token_id": int(start),
+        "layout": "standard",
+        "padding": "right",
+        "dtype": "fp32",
+        "opset": opset,
+        "model_file": DECODER_FILE,
+        "graphs": graphs,
+        "files": {name: file_record(tmp / name) for name in (ENCODER_FILE, DECODER_FILE)},
+        "inputs": graphs["decoder"]["inputs"],
+        "outputs": graphs["decoder"]["outputs"],
+        "cache": cache_entries(dims),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "versions": tool_versions(),
+    }
+
+
+def export_seq2seq(
+    model: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = defaults.EXPORT_DTYPE,
+    opset: int = defaults.OPSET,
+    fused: bool = False,
+    quantize: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    on_stage: Callable[[str], None] | None = None,
+) -> Seq2SeqExportResult:
+    """Export a T5 / BART / Marian directory to an encoder and a cached decoder graph.
+
+    Args:
+        model: A Hugging Face directory of an encoder-decoder.
+        out: The directory to create.
+        dtype: ``fp32`` (the only one for now).
+        opset: ONNX opset (17-21).
+        fused: Refused (no fused encoder-decoder graph).
+        quantize: Refused (no quantized encoder-decoder graph yet).
+        force: Replace an existing ``out``.
+        allow_pickle: Accept pickle weights.
+        on_stage: Called with a short description as each stage starts.
+
+    Raises:
+        UsageError: Bad input; nothing is written.
+        ValidationError: The graphs do not match PyTorch; nothing is written.
+    """
+    from llmtool.export.seq2seq import check_seq2seq_supported, export_seq2seq_graphs
+    from llmtool.fsutil import atomic_directory, check_output_dir
+    from llmtool.manifest import write_manifest
+    from llmtool.models.loading import read_config, resolve_spec
+    from llmtool.models.seq2seq import load_seq2seq
+    from llmtool.runtime.seq2seq import OnnxSeq2Seq
+    from llmtool.seq2seq.validate import failure_reason, validate_seq2seq
+
+    def stage(text: str) -> None:
+        if on_stage is not None:
+            on_stage(text)
+
+    check_seq2seq_options(dtype, opset, fused, quantize)
+    out = Path(out)
+    spec = resolve_spec(model)
+    check_output_dir(out, force=force, source=spec.path)
+    check_seq2seq_supported(read_config(spec))
+    seconds: dict[str, float] = {}
+    stage(f"Loading {spec.display}")
+    with _timed(seconds, "load"):
+        loaded = load_seq2seq(spec, allow_pickle=allow_pickle)
+    weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
+    if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD:
+        raise UsageError(
+            f"{spec.display} has {weight_bytes / 2**30:.1f} GiB of fp32 weights; encoder-decoder "
+            "graphs over 2 GB (external data) are not supported yet",
+            "export a smaller model (T5-base and BART-large fit).",
+        )
+    with atomic_directory(out, force=force) as tmp:
+        stage("Tracing the encoder and decoder graphs")
+        with _timed(seconds, "build"):
+            graphs = export_seq2seq_graphs(loaded.model, tmp, opset)
+            loaded.config.save_pretrained(tmp)
+            loaded.generation_config.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            manifest = _manifest(tmp, loaded, graphs, opset)
+            write_manifest(tmp, manifest)
+        stage("Validating ONNX Runtime (CPU) against PyTorch")
+        with _timed(seconds, "validate"):
+            session = OnnxSeq2Seq(tmp, "cpu", verify=False)
+            report = validate_seq2seq(session, loaded.model, loaded.tokenizer)
+            del session
+        manifest["validation"] = report
+        if not report["passed"]:
+            raise ValidationError(
+                f"Export validation failed: {failure_reason(report)}; nothing was written",
+                "report this model as a bug, with the figures above.",
+            )
+        write_manifest(tmp, manifest)
+    return Seq2SeqExportResult(out.resolve(), manifest, seconds)

@@ -1,0 +1,196 @@
+"""Encoder-decoder pairs, eval (perplexity, BLEU, chrF) and training, against independent references.
+
+Perplexity is checked against transformers' own loss on the same pairs, BLEU / chrF against
+sacrebleu run on transformers' ``generate`` output, and a short training run must lower the loss
+and produce a directory ``llmtool export`` validates unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from _seq2seq import SOURCES, tiny_seq2seq_export
+
+torch = pytest.importorskip("torch")
+
+TARGETS = ("Der schnelle braune Fuchs.", "Es war einmal", "Es war die beste Zeit")
+
+
+@pytest.fixture
+def bart_export(tokenizer, tmp_path_factory):
+    hf, out, _ = tiny_seq2seq_export("bart", tokenizer, tmp_path_factory)
+    return hf, out
+
+
+def _write_pairs(path, header=True):
+    lines = ["source\ttarget"] if header else []
+    lines += [f"{s}\t{t}" for s, t in zip(SOURCES, TARGETS, strict=True)]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_pairs_formats_and_errors(tmp_path):
+    from llmtool.errors import UsageError
+    from llmtool.seq2seq.pairs import read_pairs
+
+    assert [p.target for p in read_pairs(_write_pairs(tmp_path / "a.tsv"))] == list(TARGETS)
+    jsonl = tmp_path / "a.jsonl"
+    jsonl.write_text(
+        "\n".join(json.dumps({"en": s, "de": t}) for s, t in zip(SOURCES, TARGETS, strict=False))
+    )
+    assert read_pairs(jsonl, "en", "de")[1].source == SOURCES[1]
+    with pytest.raises(UsageError, match=r"a.jsonl:1 has no 'source' field"):
+        read_pairs(jsonl)
+    (tmp_path / "b.tsv").write_text("one\ttwo\nthree\t \n")
+    with pytest.raises(UsageError, match=r"b.tsv:2 has an empty 'target'"):
+        read_pairs(tmp_path / "b.tsv")
+    (tmp_path / "c.tsv").write_text("no tab here\n")
+    with pytest.raises(UsageError, match="no tab"):
+        read_pairs(tmp_path / "c.tsv")
+
+
+def test_perplexity_bleu_chrf_equal_references(bart_export, tmp_path):
+    import sacrebleu
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from llmtool.seq2seq.evaluate import evaluate_seq2seq
+    from llmtool.seq2seq.pairs import target_ids
+
+    hf, out = bart_export
+    record = evaluate_seq2seq(
+        out, _write_pairs(tmp_path / "p.tsv"), max_new_tokens=8, provider="cpu", reference=hf
+    )
+
+    model = AutoModelForSeq2SeqLM.from_pretrained(hf).eval()
+    tok = AutoTokenizer.from_pretrained(hf)
+    eos = model.generation_config.eos_token_id
+    nll = []
+    hyps = []
+    for s, t in zip(SOURCES, TARGETS, strict=True):
+        labels = torch.tensor([target_ids(tok, t, eos)])
+        src = tok(s, return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**src, labels=labels).logits[0]
+            gen = model.generate(**src, max_new_tokens=8, do_sample=False)
+        nll.append(torch.nn.functional.cross_entropy(logits, labels[0], reduction="none").numpy())
+        hyps.append(tok.decode(gen[0, 1:].tolist()).replace(tok.decode([eos]), "").strip())
+    nll = np.concatenate(nll)
+    assert record["tokens"] == len(nll)
+    assert record["perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-4)
+    assert record["standard_error"] == pytest.approx(
+        nll.std(ddof=1) / math.sqrt(len(nll)), rel=1e-3
+    )
+    assert record["bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [list(TARGETS)]).score)
+    assert record["chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [list(TARGETS)]).score)
+    assert record["timing"]["decoder_tokens_per_s"] > 0
+    fidelity = record["fidelity"]  # the export against the PyTorch model it came from
+    assert fidelity["reference_perplexity"] == pytest.approx(math.exp(nll.mean()), rel=1e-4)
+    assert fidelity["top1_agreement"] == 1.0 and fidelity["kl_divergence"]["max"] < 1e-6
+    assert fidelity["tokens"] == len(nll)
+
+
+def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    hf, out = bart_export
+    report = tmp_path / "r.json"
+    cmd = [
+        sys.executable,
+        "-m",
+        "llmtool",
+        "eval",
+        str(out),
+        "--data",
+        str(_write_pairs(tmp_path / "p.tsv")),
+        "--reference",
+        str(hf),
+        "--source-field",
+        "source",
+        "--target-field",
+        "target",
+        "--provider",
+        "cpu",
+        "--json",
+        str(report),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "BLEU" in proc.stdout and "top-1 agreement" in proc.stdout
+    assert json.loads(report.read_text())["fidelity"]["top1_agreement"] == 1.0
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"source": "x"}) + "\n")
+    res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--provider", "cpu"])
+    assert res.exit_code == 2 and "no 'target' field" in res.output
+    res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--throughput"])
+    assert res.exit_code == 2 and "--throughput" in res.output
+
+
+def test_train_t5_loss_falls_and_exports(tmp_path):
+    import random
+
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+    from llmtool.export import export_model
+
+    rnd = random.Random(0)
+    words = ["red", "blue", "green", "cat", "dog", "sun"]
+    lines = []
+    for _ in range(120):
+        w = [rnd.choice(words) for _ in range(rnd.randint(3, 5))]
+        lines.append(" ".join(w) + "\t" + " ".join(reversed(w)))
+    data = tmp_path / "rev.tsv"
+    data.write_text("\n".join(lines) + "\n")
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "t5",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m"),
+            "--steps",
+            "30",
+            "--batch-size",
+            "16",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "m" / "train_metrics.json").read_text())
+    curve = metrics["curve"]
+    assert curve[-1]["val_loss"] < 0.6 * curve[0]["val_loss"]
+    assert export_model(tmp_path / "m", tmp_path / "onnx").validation["passed"]
+    res = CliRunner().invoke(
+        app, ["train", "--arch", "t5", "--data", str(data), "--out", str(tmp_path / "m")]
+    )
+    assert res.exit_code == 2 and "already exists" in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "t5",
+            "--data",
+            str(tmp_path / "none.tsv"),
+            "--out",
+            str(tmp_path / "m2"),
+        ],
+    )
+    assert res.exit_code == 2 and "does not exist" in res.output
+    res = CliRunner().invoke(
+        app,
+        ["train", "--arch", "bart", "--data", str(data), "--out", str(tmp_path / "m3"), "--resume"],
+    )
+    assert res.exit_code == 2 and "--resume not available" in res.output
