@@ -154,12 +154,14 @@ def write_files(
         The manifest written (validation and quantization entries are added later).
     """
     import llmtool
+    from llmtool.export.interop import portable_metadata
     from llmtool.manifest import FORMAT, FORMAT_VERSION, file_record, tool_versions, write_manifest
 
     files = built.graph.save(tmp / MODEL_FILE, "llmtool", llmtool.__version__)
     loaded.config.save_pretrained(tmp)
     loaded.generation_config.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
+    portable_metadata(tmp)  # the 4.x keys beside the 5.x ones (llmtool.export.interop)
     spec, io = request.spec, built.io
     manifest: dict[str, Any] = {
         "format": FORMAT,
