@@ -324,6 +324,10 @@ def generate_cmd(
     )
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
+    if model.recognised != "llmtool":
+        err_console.print(
+            dim(f"Recognised an {model.recognised} export (cache inferred from its graph)")
+        )
     streaming = stream and not as_json and len(prompts) == 1
     if streaming and isinstance(prompts[0], str) and not chat:
         console.print(plain(prompts[0], "bold"), end="")

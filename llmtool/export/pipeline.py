@@ -154,6 +154,7 @@ def write_files(
         The manifest written (validation and quantization entries are added later).
     """
     import llmtool
+    from llmtool.export.genai import write_genai_config
     from llmtool.export.interop import portable_metadata
     from llmtool.manifest import FORMAT, FORMAT_VERSION, file_record, tool_versions, write_manifest
 
@@ -182,6 +183,7 @@ def write_files(
         "versions": tool_versions(),
     }
     write_manifest(tmp, manifest)
+    write_genai_config(tmp, manifest)
     return manifest
 
 
