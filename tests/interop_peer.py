@@ -82,7 +82,8 @@ def genai_tokens(directory: str, rows: list[list[int]], new_tokens: int) -> list
 
 
 def main() -> None:
-    request = json.loads(open(sys.argv[1], encoding="utf-8").read())
+    with open(sys.argv[1], encoding="utf-8") as f:
+        request = json.load(f)
     rows, n = request["rows"], request["new_tokens"]
     result: dict[str, Any] = {"config": {}, "tokenizer": {}, "optimum": {}, "genai": {}}
     for d in request.get("metadata", []):

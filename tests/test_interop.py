@@ -116,7 +116,7 @@ def test_portable_config_keeps_5x_and_adds_4x_keys():
 def test_metadata_reads_back_the_same_under_transformers_5(rope_exports, tokenizer):
     from transformers import AutoConfig, AutoTokenizer
 
-    hf, standard, _ = rope_exports
+    _, standard, _ = rope_exports
     raw = json.loads((standard / "config.json").read_text())
     assert raw["rope_theta"] == ROPE_THETA  # the key transformers 4.x reads
     assert AutoConfig.from_pretrained(standard).rope_parameters["rope_theta"] == ROPE_THETA
@@ -154,10 +154,11 @@ def run_left_padded(directory: Path, rows=ROWS) -> list[list[int]]:
             zip(
                 [o.name for o in session.get_outputs()],
                 session.run(None, {k: v for k, v in feeds.items() if k in names}),
+                strict=True,
             )
         )
         token = result["logits"][:, -1].argmax(-1)
-        for row, t in zip(out, token):
+        for row, t in zip(out, token, strict=True):
             row.append(int(t))
         past = {
             k.replace("present.", "past_key_values."): v
