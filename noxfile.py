@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, demo, bench, docs, crosscheck.
+"""Sessions: tests, lint, typecheck, demo, bench, docs, crosscheck, interop.
 
 torch is installed first from TORCH_SPEC (default: the CPU build ``torch==2.13.0``; set
 ``LLMTOOL_TORCH_SPEC`` to use another), so that the project's ``torch>=2.4`` pulls nothing more.
@@ -138,3 +138,33 @@ def docs(session: nox.Session) -> None:
     """Build the documentation site, failing on warnings and broken links."""
     install_project(session, "[docs]")
     session.run("mkdocs", "build", "--strict", env={**ENV, "NO_MKDOCS_2_WARNING": "1"})
+
+
+# The peers of `nox -s interop`: Optimum pins transformers 4.57; onnxruntime-genai needs the CPU
+# onnxruntime. Neither can share llmtool's environment, so they get a venv of their own.
+INTEROP_PEERS = ("optimum-onnx[onnxruntime]==0.1.0", "onnxruntime-genai==0.18.0")
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """llmtool's exports through transformers 4.57, Optimum and onnxruntime-genai, for real.
+
+    Exports are made here (transformers 5); tests/interop_peer.py loads them in a second venv
+    (``.nox/interop-peers``, reused between runs) with the peers installed.
+    """
+    install_project(session, "[dev]")
+    peers = ROOT / ".nox" / "interop-peers"
+    python = peers / "bin" / "python"
+    if not python.is_file():
+        session.run("python", "-m", "venv", str(peers))
+        session.run(str(python), "-m", "pip", "install", "-q", TORCH_SPEC, external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", *INTEROP_PEERS, external=True)
+    session.run(
+        "pytest",
+        "-q",
+        "-m",
+        "interop",
+        "tests/test_interop_peers.py",
+        *session.posargs,
+        env={**ENV, "LLMTOOL_INTEROP_PYTHON": str(python)},
+    )
