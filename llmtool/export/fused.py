@@ -17,10 +17,18 @@ position 0.)
 
 Differences in contract, recorded in llmtool.json as ``"layout": "fused"``:
 
-* Rows are **right-padded**: ``attention_mask`` is 1 on each row's tokens from the left, then 0.
-  ``GroupQueryAttention`` derives each row's length (``seqlens_k = sum(mask) - 1``) and the rotary
-  positions from it, so llama-family graphs take no ``position_ids`` (GPT-2 keeps them for its
-  learned positions).
+* ``GroupQueryAttention`` needs **right-padded** rows: it derives each row's length
+  (``seqlens_k = sum(mask) - 1``) and the rotary positions from the mask, so llama-family graphs
+  take no ``position_ids`` (GPT-2 keeps them for its learned positions). Left-padded rows (as
+  Optimum and transformers batch) are accepted too: ``token_inputs`` rotates each row by its
+  leading pad count, read from the chunk's own mask columns, so the real tokens come first, and
+  ``output_logits`` rotates ``logits`` back (``next_token`` reads the rotated ones)::
+
+      mask[:, -S:] ─Cast─ArgMax─► lead [B, 1]
+      input_ids ─GatherElements((j + lead) mod S)─► packed ids ─► layers ─► packed logits
+      packed logits [B*S, V] ─Gather(b*S + (j - lead) mod S)─► logits [B, S, V]
+
+  A right-padded row, and every decode step (S = 1), is rotated by 0.
 * The cache may be a preallocated buffer [batch, kv_heads, max_length, head_dim] bound as both
   ``past_key_values.*`` and ``present.*``: GroupQueryAttention then writes the new keys and values
   in place, so decode steps have fixed shapes, allocate nothing and can be captured as a CUDA
