@@ -7,6 +7,7 @@ torch is installed first from TORCH_SPEC (default: the CPU build ``torch==2.13.0
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -143,6 +144,7 @@ def docs(session: nox.Session) -> None:
 # The peers of `nox -s interop`: Optimum pins transformers 4.57; onnxruntime-genai needs the CPU
 # onnxruntime. Neither can share llmtool's environment, so they get a venv of their own.
 INTEROP_PEERS = ("optimum-onnx[onnxruntime]==0.1.0", "onnxruntime-genai==0.18.0")
+TRANSFORMERS_JS_SPEC = "@huggingface/transformers@4.3.2"
 
 
 @nox.session
@@ -159,12 +161,23 @@ def interop(session: nox.Session) -> None:
         session.run("python", "-m", "venv", str(peers))
         session.run(str(python), "-m", "pip", "install", "-q", TORCH_SPEC, external=True)
         session.run(str(python), "-m", "pip", "install", "-q", *INTEROP_PEERS, external=True)
+    env = {**ENV, "LLMTOOL_INTEROP_PYTHON": str(python)}
+    # transformers.js on Node, where Node and the npm registry are at hand. --ignore-scripts:
+    # onnxruntime-node's install script only fetches the CUDA provider; the CPU one is bundled.
+    node_modules = ROOT / ".nox" / "interop-node" / "node_modules"
+    if shutil.which("node") and shutil.which("npm"):
+        if not (node_modules / "@huggingface" / "transformers").is_dir():
+            session.run(
+                "npm",
+                "install",
+                "--ignore-scripts",
+                "--no-save",
+                "--prefix",
+                str(node_modules.parent),
+                TRANSFORMERS_JS_SPEC,
+                external=True,
+            )
+        env["LLMTOOL_INTEROP_NODE_PATH"] = str(node_modules)
     session.run(
-        "pytest",
-        "-q",
-        "-m",
-        "interop",
-        "tests/test_interop_peers.py",
-        *session.posargs,
-        env={**ENV, "LLMTOOL_INTEROP_PYTHON": str(python)},
+        "pytest", "-q", "-m", "interop", "tests/test_interop_peers.py", *session.posargs, env=env
     )

@@ -155,6 +155,11 @@ def export_cmd(
         False, "--allow-pickle", help="Accept pickle weights (can run code)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    layout: str = typer.Option(
+        defaults.EXPORT_LAYOUT,
+        help="File layout: llmtool (model.onnx) or transformers.js (onnx/model.onnx, "
+        "onnx/model_fp16.onnx, onnx/model_q4.onnx, onnx/model_quantized.onnx).",
+    ),
 ) -> None:
     """Export MODEL to ONNX with a KV cache and validate it against PyTorch.
 
@@ -178,6 +183,7 @@ def export_cmd(
             force=force,
             allow_pickle=allow_pickle,
             on_stage=lambda s: status.update(plain(s)),
+            layout=layout,
         )
     if as_json:
         _print_json({"out": str(result.out), "seconds": result.seconds, **result.manifest})

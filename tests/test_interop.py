@@ -297,3 +297,59 @@ def test_an_export_without_a_kv_cache_is_refused_clearly(tmp_path):
     result = CliRunner().invoke(app, ["generate", str(tmp_path), "-p", "hi"])
     assert result.exit_code == 2
     assert "looks like an optimum export" in result.output and "no KV cache" in result.output
+
+
+def test_transformers_js_file_names():
+    from llmtool.export.interop import transformers_js_file
+
+    assert transformers_js_file("fp32", None) == ("onnx/model.onnx", "fp32")
+    assert transformers_js_file("fp16", None) == ("onnx/model_fp16.onnx", "fp16")
+    assert transformers_js_file("fp32", "int4") == ("onnx/model_q4.onnx", "q4")
+    assert transformers_js_file("fp32", "int8") == ("onnx/model_quantized.onnx", "q8")
+
+
+def test_transformers_js_layout(rope_exports, tmp_path):
+    import onnx
+
+    hf, standard, _ = rope_exports
+    out = tmp_path / "js"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "llmtool",
+            "export",
+            str(hf),
+            "--out",
+            str(out),
+            "--layout",
+            "transformers.js",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    # What transformers.js reads (onnx/ + config, generation config, tokenizer), and llmtool's own.
+    assert files == {
+        "onnx/model.onnx",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "genai_config.json",
+        "llmtool.json",
+    }
+    config = json.loads((out / "config.json").read_text())
+    assert config["transformers.js_config"] == {"dtype": "fp32", "use_external_data_format": False}
+    assert config["rope_theta"] == ROPE_THETA
+    graph = onnx.load(str(out / "onnx" / "model.onnx")).graph
+    past = next(i for i in graph.input if i.name == "past_key_values.0.key")
+    # transformers.js sizes its first (empty) cache from this symbol; others become 0.
+    assert past.type.tensor_type.shape.dim[0].dim_param == "batch_size"
+    assert (
+        json.loads((out / "genai_config.json").read_text())["model"]["decoder"]["filename"]
+        == "onnx/model.onnx"
+    )
+    assert llmtool_tokens(out) == llmtool_tokens(standard)

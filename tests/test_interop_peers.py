@@ -19,6 +19,9 @@ from test_interop import NEW_TOKENS, ROPE_THETA, ROWS, llmtool_tokens, save_rope
 
 PEER_PYTHON = os.environ.get("LLMTOOL_INTEROP_PYTHON")
 PEER_SCRIPT = Path(__file__).with_name("interop_peer.py")
+# A node_modules holding @huggingface/transformers (nox -s interop installs it where npm works).
+NODE_PATH = os.environ.get("LLMTOOL_INTEROP_NODE_PATH")
+JS_SCRIPT = Path(__file__).with_name("interop_transformers_js.mjs")
 TEXT = "The capital of France is Paris."
 EOS = 0
 
@@ -38,7 +41,10 @@ def peer_run(tokenizer, tmp_path_factory):
     exports = {
         "standard": export_model(hf, root / "standard").out,
         "fused": export_model(hf, root / "fused", fused=True).out,
-        "int4": export_model(hf, root / "int4", fused=True, quantize="int4").out,
+        # In transformers.js's layout (onnx/model_q4.onnx): genai and transformers.js run it.
+        "int4": export_model(
+            hf, root / "int4", fused=True, quantize="int4", layout="transformers.js"
+        ).out,
     }
     request = {
         "metadata": [str(p) for p in exports.values()],
@@ -47,6 +53,7 @@ def peer_run(tokenizer, tmp_path_factory):
         "rows": ROWS,
         "new_tokens": NEW_TOKENS,
         "text": TEXT,
+        "transformers_js": [str(exports["int4"])],
     }
     path = root / "request.json"
     path.write_text(json.dumps(request))
@@ -59,7 +66,19 @@ def peer_run(tokenizer, tmp_path_factory):
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    return hf, exports, json.loads(proc.stdout.strip().splitlines()[-1])
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["transformers_js"] = None
+    if NODE_PATH:
+        js = subprocess.run(
+            ["node", str(JS_SCRIPT), str(path)],
+            capture_output=True,
+            text=True,
+            timeout=600,
+            env={**os.environ, "NODE_PATH": NODE_PATH},
+        )
+        assert js.returncode == 0, js.stderr[-4000:]
+        result["transformers_js"] = json.loads(js.stdout.strip().splitlines()[-1])
+    return hf, exports, result
 
 
 def until_eos(tokens: list[int]) -> list[int]:
@@ -96,3 +115,13 @@ def test_onnxruntime_genai_runs_every_export(peer_run):
         assert [until_eos(t) for t in theirs["2"]] == [until_eos(t) for t in ours], name
         alone = llmtool_tokens(directory, ROWS[:1])
         assert [until_eos(t) for t in theirs["1"]] == [until_eos(t) for t in alone], name
+
+
+def test_transformers_js_runs_the_transformers_js_layout(peer_run, tokenizer):
+    _, exports, result = peer_run
+    if result["transformers_js"] is None:
+        pytest.skip("needs LLMTOOL_INTEROP_NODE_PATH (Node and @huggingface/transformers)")
+    seen = result["transformers_js"][str(exports["int4"])]
+    assert seen["text_ids"] == tokenizer(TEXT)["input_ids"]
+    # Left-padded batch 2 through the fused int4 graph, as transformers.js generates.
+    assert seen["tokens"] == llmtool_tokens(exports["int4"])

@@ -110,3 +110,46 @@ def portable_metadata(directory: Path) -> list[str]:
         _write(tok_path, new)
         changed.append(tok_path.name)
     return changed
+
+
+# transformers.js (and the onnx-community repositories) keep the graph under onnx/, one file per
+# weight format, named by the suffix its ``dtype`` option picks (fp32 "", fp16 "_fp16", q4 "_q4",
+# q8 "_quantized"); ``transformers.js_config.dtype`` in config.json makes it the default.
+TRANSFORMERS_JS = "transformers.js"
+LAYOUTS = ("llmtool", TRANSFORMERS_JS)
+TRANSFORMERS_JS_DTYPES = {"fp32": ("", "fp32"), "fp16": ("_fp16", "fp16")}
+TRANSFORMERS_JS_QUANTIZED = {"int4": ("_q4", "q4"), "int8": ("_quantized", "q8")}
+
+
+def transformers_js_file(dtype: str, quantize: str | None) -> tuple[str, str]:
+    """(path inside the export, transformers.js dtype name) of the graph in that layout."""
+    suffix, name = (
+        TRANSFORMERS_JS_QUANTIZED[quantize] if quantize else TRANSFORMERS_JS_DTYPES[dtype]
+    )
+    return f"onnx/model{suffix}.onnx", name
+
+
+def rename_batch_axis(values: list[Any], name: str = "batch_size") -> None:
+    """Call the graph I/O's batch axis ``name`` (in place).
+
+    transformers.js sizes the empty cache it feeds first from the cache inputs' symbolic dims,
+    knowing only ``batch_size`` (Optimum's name) and taking any other symbol as 0: a
+    GroupQueryAttention graph then refuses a past of batch 0.
+    """
+    for value in values:
+        for dim in value.type.tensor_type.shape.dim:
+            if dim.HasField("dim_param") and dim.dim_param == "batch":
+                dim.dim_param = name
+
+
+def add_transformers_js_config(directory: Path, dtype_name: str, external: bool) -> None:
+    """Name the graph's format in config.json, where transformers.js looks for its defaults."""
+    path = directory / "config.json"
+    config = _read(path)
+    if config is None:
+        return
+    config["transformers.js_config"] = {
+        "dtype": dtype_name,
+        "use_external_data_format": external,
+    }
+    _write(path, config)
