@@ -145,6 +145,7 @@ def docs(session: nox.Session) -> None:
 # onnxruntime. Neither can share llmtool's environment, so they get a venv of their own.
 INTEROP_PEERS = ("optimum-onnx[onnxruntime]==0.1.0", "onnxruntime-genai==0.18.0")
 TRANSFORMERS_JS_SPEC = "@huggingface/transformers@4.3.2"
+GENAI_BUILDER = ("onnxruntime-genai==0.18.0", "transformers==5.24.0", "onnx-ir")
 
 
 @nox.session
@@ -161,7 +162,17 @@ def interop(session: nox.Session) -> None:
         session.run("python", "-m", "venv", str(peers))
         session.run(str(python), "-m", "pip", "install", "-q", TORCH_SPEC, external=True)
         session.run(str(python), "-m", "pip", "install", "-q", *INTEROP_PEERS, external=True)
-    env = {**ENV, "LLMTOOL_INTEROP_PYTHON": str(python)}
+    # onnxruntime-genai's model builder imports transformers 5: a third venv, for its own export.
+    builder = ROOT / ".nox" / "interop-builder" / "bin" / "python"
+    if not builder.is_file():
+        session.run("python", "-m", "venv", str(builder.parents[1]))
+        session.run(str(builder), "-m", "pip", "install", "-q", TORCH_SPEC, external=True)
+        session.run(str(builder), "-m", "pip", "install", "-q", *GENAI_BUILDER, external=True)
+    env = {
+        **ENV,
+        "LLMTOOL_INTEROP_PYTHON": str(python),
+        "LLMTOOL_GENAI_BUILDER_PYTHON": str(builder),
+    }
     # transformers.js on Node, where Node and the npm registry are at hand. --ignore-scripts:
     # onnxruntime-node's install script only fetches the CUDA provider; the CPU one is bundled.
     node_modules = ROOT / ".nox" / "interop-node" / "node_modules"

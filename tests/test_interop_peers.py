@@ -125,3 +125,78 @@ def test_transformers_js_runs_the_transformers_js_layout(peer_run, tokenizer):
     assert seen["text_ids"] == tokenizer(TEXT)["input_ids"]
     # Left-padded batch 2 through the fused int4 graph, as transformers.js generates.
     assert seen["tokens"] == llmtool_tokens(exports["int4"])
+
+
+# onnxruntime-genai's model builder needs transformers 5 and the CPU onnxruntime: a third venv.
+BUILDER_PYTHON = os.environ.get("LLMTOOL_GENAI_BUILDER_PYTHON")
+
+
+@pytest.fixture(scope="module")
+def genai_folder(peer_run, tmp_path_factory):
+    """A folder made by onnxruntime-genai's own model builder from the same weights."""
+    if not BUILDER_PYTHON:
+        pytest.skip("needs LLMTOOL_GENAI_BUILDER_PYTHON (nox -s interop)")
+    hf = peer_run[0]
+    root = tmp_path_factory.mktemp("genai-builder")
+    out = root / "model"
+    proc = subprocess.run(
+        [
+            BUILDER_PYTHON,
+            "-m",
+            "onnxruntime_genai.models.builder",
+            "-i",
+            str(hf),
+            "-o",
+            str(out),
+            "-p",
+            "fp32",
+            "-e",
+            "cpu",
+            "-c",
+            str(root / "cache"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return out
+
+
+def test_llmtool_runs_and_evaluates_a_genai_builder_folder(
+    peer_run, genai_folder, sample_text_file
+):
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+    from llmtool.runtime.model import OnnxCausalLM
+
+    hf, exports, _ = peer_run
+    model = OnnxCausalLM(genai_folder, "cpu")
+    # genai's graph: GroupQueryAttention without llmtool's next_token, so right padding.
+    assert (model.recognised, model.layout, model.padding) == (
+        "onnxruntime-genai",
+        "standard",
+        "right",
+    )
+    assert llmtool_tokens(genai_folder) == torch_tokens(hf)
+    report = genai_folder.parent / "eval.json"
+    result = CliRunner().invoke(
+        app,
+        [
+            "eval",
+            str(genai_folder),
+            "--data",
+            str(sample_text_file),
+            "--max-length",
+            "64",
+            "--reference",
+            str(exports["standard"]),
+            "--json",
+            str(report),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    reference = json.loads(report.read_text())["reference"]
+    assert reference["top1_agreement"] == 1.0 and reference["kl_divergence"]["max"] < 1e-5

@@ -8,7 +8,8 @@ recognised and the contract can be inferred without guessing:
   the layer count, the context and the vocabulary come from the file.
 * **Optimum** (``model.onnx`` + ``config.json``): cache pairs are the graph inputs
   ``past_key_values.{i}.key|value`` with the outputs ``present.{i}.key|value``; sizes come from
-  the graph's static dims, else from config.json (``num_key_value_heads``, ``head_dim``).
+  the graph's static dims, else from config.json (``num_key_value_heads``, ``head_dim``; for
+  genai, its decoder's ``num_key_value_heads`` and ``head_size``).
 
 How the cache is fed follows the graph: a graph with GroupQueryAttention reads each row's length
 from the attention mask and needs right padding (unless it is llmtool's fused graph, recognised
@@ -147,6 +148,11 @@ def infer_manifest(directory: Path) -> dict[str, Any]:
     names = _cache_names(layout, genai, inputs)
     if not names:
         raise _refuse(directory, layout, "the graph has no past_key_values.* inputs (no KV cache)")
+    decoder = genai.get("model", {}).get("decoder", {})
+    if "num_key_value_heads" in decoder and "head_size" in decoder:
+        # genai folders carry no config.json: its decoder section gives the sizes.
+        config = {**config, "num_key_value_heads": decoder["num_key_value_heads"]}
+        config["head_dim"] = decoder["head_size"]
     cache = []
     for past, present in names:
         if past not in inputs:
