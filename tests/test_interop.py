@@ -95,7 +95,7 @@ def test_portable_config_keeps_5x_and_adds_4x_keys():
     llama3 = {"rope_theta": 5e5, "rope_type": "llama3", "factor": 8.0}
     scaled = portable_config({"rope_parameters": llama3})
     assert scaled["rope_theta"] == 5e5
-    assert scaled["rope_scaling"] == {"rope_type": "llama3", "type": "llama3", "factor": 8.0}
+    assert scaled["rope_scaling"] == {"rope_type": "llama3", "factor": 8.0}
     gemma3 = portable_config(
         {
             "rope_parameters": {

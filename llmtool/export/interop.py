@@ -43,8 +43,8 @@ def _legacy_rope(rope: dict[str, Any]) -> dict[str, Any]:
     if scaling.get("rope_type", "default") == "default":
         out: dict[str, Any] = {"rope_scaling": None}
     else:
-        # 4.x reads both spellings of the type key, older releases only "type".
-        out = {"rope_scaling": {**scaling, "type": scaling["rope_type"]}}
+        # 4.x (4.42 on) reads "rope_type"; the legacy "type" would leak into 5.x's parameters.
+        out = {"rope_scaling": scaling}
     if theta is not None:
         out["rope_theta"] = theta
     return out
