@@ -353,3 +353,15 @@ def test_transformers_js_layout(rope_exports, tmp_path):
         == "onnx/model.onnx"
     )
     assert llmtool_tokens(out) == llmtool_tokens(standard)
+
+
+def test_an_older_optimum_export_is_refused_with_what_to_do(tmp_path):
+    from llmtool.cli import app
+
+    (tmp_path / "decoder_model_merged.onnx").write_bytes(b"")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    result = CliRunner().invoke(
+        app, ["eval", str(tmp_path), "--data", str(tmp_path / "config.json")]
+    )
+    assert result.exit_code == 2
+    assert "older Optimum export" in result.output and "optimum-cli" in result.output

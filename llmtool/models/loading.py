@@ -101,7 +101,8 @@ def _foreign_export(path: Path) -> bool:
     if (path / "genai_config.json").is_file():
         return True
     weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
-    return (path / "model.onnx").is_file() and not weights
+    onnx = (path / "model.onnx").is_file() or (path / "decoder_model_merged.onnx").is_file()
+    return onnx and not weights
 
 
 def resolve_spec(spec: str | Path) -> ModelSpec:

@@ -30,6 +30,7 @@ from llmtool.manifest import MANIFEST_NAME, Manifest, check_external_data
 
 GENAI_CONFIG = "genai_config.json"
 OPTIMUM_MODEL = "model.onnx"
+LEGACY_OPTIMUM_MODEL = "decoder_model_merged.onnx"
 PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 # ONNX TensorProto element types of a cache tensor llmtool can feed.
 CACHE_ELEM_TYPES = {1: "float32", 10: "float16"}
@@ -53,6 +54,12 @@ def recognise(directory: Path) -> str | None:
         return "onnxruntime-genai"
     if (directory / OPTIMUM_MODEL).is_file() and (directory / "config.json").is_file():
         return "optimum"
+    if (directory / LEGACY_OPTIMUM_MODEL).is_file():
+        raise UsageError(
+            f"{directory} is an older Optimum export (decoder_model_merged.onnx, with a "
+            "use_cache_branch input), which llmtool does not run",
+            "re-export it with a current optimum-cli (one model.onnx) or with `llmtool export`.",
+        )
     return None
 
 
