@@ -138,6 +138,7 @@ def save_hf_dir(hf: Path) -> None:
     save_file(state, str(hf / "model.safetensors"), metadata={"format": "pt"})
     config = {k: v for k, v in loaded.config.to_dict().items() if v is not None}
     config.pop("quantization_config", None)
+    config["architectures"] = [type(loaded.model).__name__]  # genai's builder dispatches on it
     (hf / "config.json").write_text(json.dumps(config, indent=2))
     loaded.tokenizer.save_pretrained(hf)
     loaded.generation_config.save_pretrained(hf)
@@ -148,7 +149,8 @@ def save_hf_dir(hf: Path) -> None:
 def exports(work: Path, args: argparse.Namespace) -> tuple[dict[str, Path], dict[str, Any]]:
     """Every export of the same weights, with the exporters' time and peak RSS."""
     hf = work / "smollm2-hf"
-    save_hf_dir(hf)
+    if not hf.is_dir():
+        save_hf_dir(hf)
     llmtool = [sys.executable, "-m", "llmtool", "export", str(hf), "--fused"]
     builder = [args.builder_python, "-m", "onnxruntime_genai.models.builder", "-i", str(hf)]
     builder_tail = ["-e", "cpu", "-c", str(work / "hf-cache")]
@@ -182,11 +184,16 @@ def exports(work: Path, args: argparse.Namespace) -> tuple[dict[str, Path], dict
             *builder_tail,
         ],
     }
-    figures = {}
+    # Figures of exports already made in --work are kept (a rerun resumes where one failed).
+    done = work / "export_figures.json"
+    figures = json.loads(done.read_text()) if done.is_file() else {}
     for name, cmd in jobs.items():
+        if name in figures:
+            continue
         log(f"export {name}")
         figures[name] = measured(cmd, {"HF_HUB_OFFLINE": "1"})
         log(f"  {figures[name]}")
+        done.write_text(json.dumps(figures))
     dirs = {
         name: work / d
         for name, d in (
@@ -234,13 +241,15 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--work", type=Path, help="keep exports here (default: a temporary dir)")
     args = parser.parse_args()
     from llmtool.hardware import cpu_name
     from llmtool.models.loading import ModelSpec, load_tokenizer
 
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="interop-bench-") as tmp:
-        work = Path(tmp)
+        work = args.work or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
         dirs, export_figures = exports(work, args)
         tok = load_tokenizer(ModelSpec("hf_dir", dirs["llmtool-fp32"], None, "llmtool-fp32"))
         request = {
