@@ -153,7 +153,10 @@ def interop(session: nox.Session) -> None:
     """llmtool's exports through transformers 4.57, Optimum and onnxruntime-genai, for real.
 
     Exports are made here (transformers 5); tests/interop_peer.py loads them in a second venv
-    (``.nox/interop-peers``, reused between runs) with the peers installed.
+    (``.nox/interop-peers``: transformers 4.57, optimum-onnx, onnxruntime-genai), genai's model
+    builder runs in a third (``.nox/interop-builder``, transformers 5), and transformers.js on
+    Node where ``node`` and ``npm`` exist (``.nox/interop-node``). The peer venvs are reused
+    between runs; delete them to upgrade.
     """
     install_project(session, "[dev]")
     peers = ROOT / ".nox" / "interop-peers"
