@@ -1,4 +1,4 @@
-"""Sessions: tests, lint, typecheck, demo, bench, docs, crosscheck.
+"""Sessions: tests, lint, typecheck, demo, bench, docs, crosscheck, interop.
 
 torch is installed first from TORCH_SPEC (default: the CPU build ``torch==2.13.0``; set
 ``LLMTOOL_TORCH_SPEC`` to use another), so that the project's ``torch>=2.4`` pulls nothing more.
@@ -7,6 +7,7 @@ torch is installed first from TORCH_SPEC (default: the CPU build ``torch==2.13.0
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import nox
@@ -161,3 +162,59 @@ def distributed(session: nox.Session) -> None:
     """The torchrun jobs beyond CI's default one: DDP from scratch and a killed rank (2 ranks)."""
     install_project(session, "[dev]")
     session.run("pytest", "-q", "-m", "distributed", "tests/test_train_distributed.py", env=ENV)
+
+
+# The peers of `nox -s interop`: Optimum pins transformers 4.57; onnxruntime-genai needs the CPU
+# onnxruntime. Neither can share llmtool's environment, so they get a venv of their own.
+INTEROP_PEERS = ("optimum-onnx[onnxruntime]==0.1.0", "onnxruntime-genai==0.18.0")
+TRANSFORMERS_JS_SPEC = "@huggingface/transformers@4.3.2"
+GENAI_BUILDER = ("onnxruntime-genai==0.18.0", "transformers==5.24.0", "onnx-ir")
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """llmtool's exports through transformers 4.57, Optimum and onnxruntime-genai, for real.
+
+    Exports are made here (transformers 5); tests/interop_peer.py loads them in a second venv
+    (``.nox/interop-peers``: transformers 4.57, optimum-onnx, onnxruntime-genai), genai's model
+    builder runs in a third (``.nox/interop-builder``, transformers 5), and transformers.js on
+    Node where ``node`` and ``npm`` exist (``.nox/interop-node``). The peer venvs are reused
+    between runs; delete them to upgrade.
+    """
+    install_project(session, "[dev]")
+    peers = ROOT / ".nox" / "interop-peers"
+    python = peers / "bin" / "python"
+    if not python.is_file():
+        session.run("python", "-m", "venv", str(peers))
+        session.run(str(python), "-m", "pip", "install", "-q", TORCH_SPEC, external=True)
+        session.run(str(python), "-m", "pip", "install", "-q", *INTEROP_PEERS, external=True)
+    # onnxruntime-genai's model builder imports transformers 5: a third venv, for its own export.
+    builder = ROOT / ".nox" / "interop-builder" / "bin" / "python"
+    if not builder.is_file():
+        session.run("python", "-m", "venv", str(builder.parents[1]))
+        session.run(str(builder), "-m", "pip", "install", "-q", TORCH_SPEC, external=True)
+        session.run(str(builder), "-m", "pip", "install", "-q", *GENAI_BUILDER, external=True)
+    env = {
+        **ENV,
+        "LLMTOOL_INTEROP_PYTHON": str(python),
+        "LLMTOOL_GENAI_BUILDER_PYTHON": str(builder),
+    }
+    # transformers.js on Node, where Node and the npm registry are at hand. --ignore-scripts:
+    # onnxruntime-node's install script only fetches the CUDA provider; the CPU one is bundled.
+    node_modules = ROOT / ".nox" / "interop-node" / "node_modules"
+    if shutil.which("node") and shutil.which("npm"):
+        if not (node_modules / "@huggingface" / "transformers").is_dir():
+            session.run(
+                "npm",
+                "install",
+                "--ignore-scripts",
+                "--no-save",
+                "--prefix",
+                str(node_modules.parent),
+                TRANSFORMERS_JS_SPEC,
+                external=True,
+            )
+        env["LLMTOOL_INTEROP_NODE_PATH"] = str(node_modules)
+    session.run(
+        "pytest", "-q", "-m", "interop", "tests/test_interop_peers.py", *session.posargs, env=env
+    )

@@ -169,6 +169,11 @@ def export_cmd(
         False, "--allow-pickle", help="Accept pickle weights (can run code)."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON on stdout."),
+    layout: str = typer.Option(
+        defaults.EXPORT_LAYOUT,
+        help="File layout: llmtool (model.onnx) or transformers.js (onnx/model.onnx, "
+        "onnx/model_fp16.onnx, onnx/model_q4.onnx, onnx/model_quantized.onnx).",
+    ),
 ) -> None:
     """Export MODEL to ONNX with a KV cache and validate it against PyTorch.
 
@@ -192,6 +197,7 @@ def export_cmd(
             force=force,
             allow_pickle=allow_pickle,
             on_stage=lambda s: status.update(plain(s)),
+            layout=layout,
         )
     if as_json:
         _print_json({"out": str(result.out), "seconds": result.seconds, **result.manifest})
@@ -400,6 +406,10 @@ def generate_cmd(
     check_request(model_dir, prompts, max_new_tokens, chat, system)
     model = OnnxCausalLM(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
+    if model.recognised != "llmtool":
+        err_console.print(
+            dim(f"Recognised an {model.recognised} export (cache inferred from its graph)")
+        )
     streaming = stream and not as_json and len(prompts) == 1
     if streaming and isinstance(prompts[0], str) and not chat:
         console.print(plain(prompts[0], "bold"), end="")

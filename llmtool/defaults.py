@@ -7,6 +7,8 @@ from pathlib import Path
 # Export.
 OPSET = 17
 EXPORT_DTYPE = "fp32"
+# File layout of an export: "llmtool" (model.onnx) or "transformers.js" (onnx/model*.onnx).
+EXPORT_LAYOUT = "llmtool"
 # Max |logits(ORT) - logits(PyTorch fp32)| accepted by export validation, per export dtype.
 # fp16 rounding on SmolLM2-135M measured 0.06 (standard graph) and 0.16 (fused graph).
 PARITY_TOLERANCE = {"fp32": 1e-3, "fp16": 0.25}

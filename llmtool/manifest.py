@@ -230,7 +230,10 @@ EXTERNAL_MARKER = b"\n\x08location"
 
 
 def _plain_name(name: str, directory: Path) -> Path:
-    if not name or "/" in name or "\\" in name or name in (".", ".."):
+    # A plain name, or a relative path inside the directory (transformers.js keeps the graph in
+    # onnx/): no absolute path, no "..", no backslash.
+    parts = name.split("/")
+    if not name or "\\" in name or any(p in ("", ".", "..") for p in parts):
         raise UsageError(
             f"{MANIFEST_NAME} in {directory} names a file outside its directory ({name!r})",
             "re-export the model with `llmtool export`.",

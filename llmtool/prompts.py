@@ -41,8 +41,8 @@ def check_request(
         UsageError: Not an export, ``max_new_tokens`` < 1, or a prompt that is empty, outside
             the vocabulary or too long for the context.
     """
-    from llmtool.manifest import Manifest
     from llmtool.models.loading import ModelSpec, load_tokenizer
+    from llmtool.runtime.foreign import read_contract
 
     check_max_new_tokens(max_new_tokens)
     directory = Path(directory)
@@ -51,7 +51,7 @@ def check_request(
             f"Export directory {directory} does not exist",
             "create it with `llmtool export MODEL --out DIR`.",
         )
-    contract = Manifest.read(directory)
+    contract = read_contract(directory)
     tokenizer = load_tokenizer(ModelSpec("hf_dir", directory, None, str(directory)))
     return tokenize_checked(
         tokenizer,

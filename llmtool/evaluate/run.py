@@ -122,6 +122,10 @@ def resolve(model_dir: str | Path, options: EvalOptions, progress: ProgressFn) -
     )
     progress("Loading the export", 0, None)
     model = OnnxCausalLM(model_dir, options.provider, options=session_options)
+    if model.recognised != "llmtool":
+        progress(
+            f"Recognised an {model.recognised} export (cache inferred from its graph)", 0, None
+        )
     settings = Settings(model, session_options)
     if options.data is not None:
         settings.corpus = load_corpus(options.data, options.text_field, options.preprocess)
@@ -160,6 +164,7 @@ def eval_config(
         "model_type": model.manifest.get("model_type"),
         "dtype": model.manifest.get("dtype"),
         "layout": model.layout,
+        **({"recognised": model.recognised} if model.recognised != "llmtool" else {}),
         "quantization": (model.manifest.get("quantization") or {}).get("mode"),
         "provider": options.provider,
         "execution_provider": model.provider,

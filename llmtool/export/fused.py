@@ -17,10 +17,18 @@ position 0.)
 
 Differences in contract, recorded in llmtool.json as ``"layout": "fused"``:
 
-* Rows are **right-padded**: ``attention_mask`` is 1 on each row's tokens from the left, then 0.
-  ``GroupQueryAttention`` derives each row's length (``seqlens_k = sum(mask) - 1``) and the rotary
-  positions from it, so llama-family graphs take no ``position_ids`` (GPT-2 keeps them for its
-  learned positions).
+* ``GroupQueryAttention`` needs **right-padded** rows: it derives each row's length
+  (``seqlens_k = sum(mask) - 1``) and the rotary positions from the mask, so llama-family graphs
+  take no ``position_ids`` (GPT-2 keeps them for its learned positions). Left-padded rows (as
+  Optimum and transformers batch) are accepted too: ``token_inputs`` rotates each row by its
+  leading pad count, read from the chunk's own mask columns, so the real tokens come first, and
+  ``output_logits`` rotates ``logits`` back (``next_token`` reads the rotated ones)::
+
+      mask[:, -S:] ─Cast─ArgMax─► lead [B, 1]
+      input_ids ─GatherElements((j + lead) mod S)─► packed ids ─► layers ─► packed logits
+      packed logits [B*S, V] ─Gather(b*S + (j - lead) mod S)─► logits [B, S, V]
+
+  A right-padded row, and every decode step (S = 1), is rotated by 0.
 * The cache may be a preallocated buffer [batch, kv_heads, max_length, head_dim] bound as both
   ``past_key_values.*`` and ``present.*``: GroupQueryAttention then writes the new keys and values
   in place, so decode steps have fixed shapes, allocate nothing and can be captured as a CUDA
@@ -67,7 +75,40 @@ class _FusedDecoderGraph(DecoderGraph):
             io.inputs.remove("position_ids")
         return g, io
 
+    def token_inputs(self) -> tuple[str, str]:
+        """Left-padded rows rotated into the right-padded order GroupQueryAttention needs."""
+        g = self.g
+        with g.scope("left_padding"):
+            shape = g.op("Shape", ["input_ids"])
+            ones = g.op("ConstantOfShape", [shape], value=_int64_tensor(1))  # [B, S]
+            column = g.op("Sub", [g.op("CumSum", [ones, g.const(1)]), g.const(1)])  # [B, S] j
+            row = g.op("Sub", [g.op("CumSum", [ones, g.const(0)]), g.const(1)])  # [B, S] b
+            seq = g.op("ReduceSum", [ones, g.const([1])], keepdims=1)  # [B, 1], every entry S
+            # The chunk's own mask columns (the last S); its first 1 is the row's left padding.
+            start = g.op("Neg", [g.op("Slice", [shape, g.const([1]), g.const([2])])])  # [1] -S
+            chunk = g.op("Slice", ["attention_mask", start, g.const([_INT64_MAX]), g.const([1])])
+            chunk = g.op("Cast", [chunk], to=TensorProto.FLOAT)
+            lead = g.op("ArgMax", [chunk], axis=1, keepdims=1)  # [B, 1] leading pad columns
+            # packed[b, j] = ids[b, (j + lead_b) mod S]: real tokens first, pads after them.
+            source = g.op("Mod", [g.op("Add", [column, lead]), seq])
+            ids = g.op("GatherElements", ["input_ids", source], axis=1)
+            positions = "position_ids"
+            if self.w.positions is not None:
+                positions = g.op("GatherElements", ["position_ids", source], axis=1)
+            # logits[b, j] = packed_logits[b, (j - lead_b) mod S], as rows of [B*S, V].
+            back = g.op("Mod", [g.op("Add", [g.op("Sub", [column, lead]), seq]), seq])
+            self.unpack_index = g.op("Add", [g.op("Mul", [row, seq]), back])  # [B, S]
+        return ids, positions
+
+    def output_logits(self, logits: str) -> str:
+        g = self.g
+        with g.scope("left_padding"):
+            rows = g.op("Reshape", [logits, g.const([-1, self.w.vocab_size])])  # [B*S, V]
+            return g.op("Gather", [rows, self.unpack_index], axis=0)  # [B, S, V]
+
     def extra_outputs(self, logits: str) -> list[str]:
+        # ``logits`` are in packed (right-padded) order, where the last real token is at
+        # length - 1 in a prefill.
         g, w = self.g, self.w
         with g.scope("next_token"):
             # Row lengths computed on the device: a shape-derived scalar (on the host in ORT)
@@ -251,6 +292,9 @@ class _FusedDecoderGraph(DecoderGraph):
         if self.w.activation == "gelu_tanh":
             return self.g.op("FastGelu", [h], domain=MS_DOMAIN)
         return super().activation(h)
+
+
+_INT64_MAX = int(np.iinfo(np.int64).max)
 
 
 def _int64_tensor(value: int) -> TensorProto:

@@ -154,11 +154,13 @@ class GraphBuilder:
         model.ir_version = min(model.ir_version, 8 if self.opset <= 18 else 9)
         return model
 
-    def save(self, path: Path, producer: str, version: str) -> list[Path]:
+    def save(
+        self, path: Path, producer: str, version: str, data_suffix: str = ".data"
+    ) -> list[Path]:
         """Write the model to ``path``; returns the files written.
 
-        Weights go to ``<name>.data`` beside it when their total exceeds
-        :data:`llmtool.defaults.EXTERNAL_DATA_THRESHOLD` bytes.
+        Weights go to ``<name><data_suffix>`` beside it (transformers.js expects ``_data``) when
+        their total exceeds :data:`llmtool.defaults.EXTERNAL_DATA_THRESHOLD` bytes.
         """
         path = Path(path)
         external = self.weight_bytes() > defaults.EXTERNAL_DATA_THRESHOLD
@@ -166,7 +168,7 @@ class GraphBuilder:
             model = self.to_model(producer, version)
             onnx.save_model(model, str(path))
             return [path]
-        data_path = path.with_name(path.name + ".data")
+        data_path = path.with_name(path.name + data_suffix)
         inits = []
         offset = 0
         with open(data_path, "wb") as f:

@@ -76,6 +76,8 @@ class ExportRequest:
         weights: How linear weights are stored (``weights.quantize``: None, ``int8``, ``int4``).
         calibration: Where the fidelity text of a quantized export comes from (recorded).
         calibration_text: That text (None without ``--quantize``).
+        layout: File layout: ``llmtool`` (model.onnx at the top) or ``transformers.js``
+            (``onnx/model{_fp16,_q4,_quantized}.onnx``).
     """
 
     spec: ModelSpec
@@ -86,6 +88,7 @@ class ExportRequest:
     weights: WeightFormat
     calibration: str | Path | None
     calibration_text: str | None
+    layout: str = "llmtool"
 
 
 def check_request(
@@ -100,6 +103,7 @@ def check_request(
     symmetric: bool,
     calibration: str | Path | None,
     force: bool,
+    layout: str = defaults.EXPORT_LAYOUT,
 ) -> ExportRequest:
     """Stage 1: check every option and the model's architecture before anything is loaded.
 
@@ -108,12 +112,15 @@ def check_request(
     """
     from llmtool.evaluate.data import read_text
     from llmtool.export.contract import WeightFormat
+    from llmtool.export.interop import LAYOUTS
     from llmtool.export.quantize import check_quantize_options
     from llmtool.export.registry import check_supported
     from llmtool.fsutil import check_output_dir
     from llmtool.models.loading import read_config, resolve_spec
 
     _check_options(dtype, opset)
+    if layout not in LAYOUTS:
+        raise UsageError(f"Unknown layout {layout!r}", f"use one of {', '.join(LAYOUTS)}.")
     check_quantize_options(quantize, block_size)
     if quantize and dtype != "fp32":
         raise UsageError("--quantize starts from fp32 weights", "drop --dtype or use --dtype fp32.")
@@ -133,7 +140,9 @@ def check_request(
         symmetric=symmetric,
         head_matmul=quantize is not None,
     )
-    return ExportRequest(spec, out, dtype, opset, fused, weights, calibration, calibration_text)
+    return ExportRequest(
+        spec, out, dtype, opset, fused, weights, calibration, calibration_text, layout
+    )
 
 
 def build_onnx(request: ExportRequest, loaded: LoadedModel) -> BuiltGraph:
@@ -154,12 +163,29 @@ def write_files(
         The manifest written (validation and quantization entries are added later).
     """
     import llmtool
+    from llmtool.export.genai import write_genai_config
+    from llmtool.export.interop import (
+        TRANSFORMERS_JS,
+        add_transformers_js_config,
+        portable_metadata,
+        rename_batch_axis,
+        transformers_js_file,
+    )
     from llmtool.manifest import FORMAT, FORMAT_VERSION, file_record, tool_versions, write_manifest
 
-    files = built.graph.save(tmp / MODEL_FILE, "llmtool", llmtool.__version__)
+    model_file, js_dtype = MODEL_FILE, None
+    if request.layout == TRANSFORMERS_JS:
+        model_file, js_dtype = transformers_js_file(request.dtype, request.weights.quantize)
+        (tmp / model_file).parent.mkdir()
+        rename_batch_axis([*built.graph.inputs, *built.graph.outputs])
+    suffix = "_data" if js_dtype else ".data"
+    files = built.graph.save(tmp / model_file, "llmtool", llmtool.__version__, suffix)
     loaded.config.save_pretrained(tmp)
     loaded.generation_config.save_pretrained(tmp)
     loaded.tokenizer.save_pretrained(tmp)
+    portable_metadata(tmp)  # the 4.x keys beside the 5.x ones (llmtool.export.interop)
+    if js_dtype:
+        add_transformers_js_config(tmp, js_dtype, external=len(files) > 1)
     spec, io = request.spec, built.io
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -171,8 +197,8 @@ def write_files(
         "padding": "right" if io.layout == "fused" else "left",
         "dtype": request.dtype,
         "opset": request.opset,
-        "model_file": MODEL_FILE,
-        "files": {f.name: file_record(f) for f in files},
+        "model_file": model_file,
+        "files": {f.relative_to(tmp).as_posix(): file_record(f) for f in files},
         "inputs": io.inputs,
         "outputs": io.outputs,
         "cache": io.cache,
@@ -180,6 +206,7 @@ def write_files(
         "versions": tool_versions(),
     }
     write_manifest(tmp, manifest)
+    write_genai_config(tmp, manifest)
     return manifest
 
 
@@ -272,6 +299,7 @@ def export_model(
     force: bool = False,
     allow_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
+    layout: str = defaults.EXPORT_LAYOUT,
 ) -> ExportResult:
     """Export a causal LM to ONNX with a KV cache and validate it against PyTorch.
 
@@ -292,6 +320,8 @@ def export_model(
         force: Replace an existing ``out``.
         allow_pickle: Accept pickle weights (``pytorch_model.bin``).
         on_stage: Called with a short description as each stage starts.
+        layout: ``llmtool`` or ``transformers.js`` (the graph as ``onnx/model*.onnx``, named by
+            its weight format, and ``transformers.js_config`` in config.json).
 
     Returns:
         The export directory, its manifest and timings.
@@ -334,6 +364,7 @@ def export_model(
         symmetric=symmetric,
         calibration=calibration,
         force=force,
+        layout=layout,
     )
     seconds: dict[str, float] = {}
     stage(f"Loading {request.spec.display}")

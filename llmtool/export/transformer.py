@@ -137,19 +137,26 @@ class DecoderGraph:
         cache = self.cache_entries()
         for entry in cache:
             g.add_input(entry["input"], self.onnx_float, entry["shape"])
+        ids, positions = self.token_inputs()
         with g.scope("embed"):
             embed = self.weight("embed_tokens.weight", w.embed)
-            h = g.op("Gather", [embed, "input_ids"], axis=0)  # [B, S, E]
+            h = g.op("Gather", [embed, ids], axis=0)  # [B, S, E]
             if w.embed_scale != 1.0:
                 h = g.op("Mul", [h, g.const(w.embed_scale, self.np_float)])
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
-                h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
+                h = g.op("Add", [h, g.op("Gather", [pos, positions], axis=0)])
         h = self.decoder_layers(h)  # final norm applied
         with g.scope("head"):
             logits = self.lm_head(h, embed)
-        g.add_output(logits, "logits", TensorProto.FLOAT, ["batch", "sequence", w.vocab_size])
-        outputs = ["logits", *self.extra_outputs(logits), *[c["output"] for c in cache]]
+        extra = self.extra_outputs(logits)
+        g.add_output(
+            self.output_logits(logits),
+            "logits",
+            TensorProto.FLOAT,
+            ["batch", "sequence", w.vocab_size],
+        )
+        outputs = ["logits", *extra, *[c["output"] for c in cache]]
         io = GraphIO(
             inputs=["input_ids", "attention_mask", "position_ids", *[c["input"] for c in cache]],
             outputs=outputs,
@@ -163,6 +170,14 @@ class DecoderGraph:
     def cache_entries(self) -> list[dict[str, Any]]:
         w = self.w
         return cache_entries(w.num_layers, w.num_kv_heads, w.head_dim, self.dtype)
+
+    def token_inputs(self) -> tuple[str, str]:
+        """The token ids and positions the layers read (the fused graph reorders padded rows)."""
+        return "input_ids", "position_ids"
+
+    def output_logits(self, logits: str) -> str:
+        """The ``logits`` output, in the input's token order (see :meth:`token_inputs`)."""
+        return logits
 
     def extra_outputs(self, logits: str) -> list[str]:
         """Outputs besides logits and the cache (none in the standard layout)."""
@@ -214,7 +229,7 @@ class DecoderGraph:
         logits = self.to_float32(logits)
         if w.logits_scale != 1.0:  # Granite divides by logits_scaling
             logits = g.op("Mul", [logits, g.const(w.logits_scale, np.float32)])
-        return g.op("Identity", [self.softcap(logits, w.logits_softcap)], names=["logits"])
+        return self.softcap(logits, w.logits_softcap)
 
     def attention_bias(self, window: int | None = None) -> str:
         """Additive float32 mask [B, 1, S, T]: 0 where a query may attend, a huge negative elsewhere."""

@@ -96,6 +96,15 @@ def smollm2_path() -> Path:
     return path
 
 
+def _foreign_export(path: Path) -> bool:
+    """An ONNX export made by another tool (llmtool.runtime.foreign infers its contract)."""
+    if (path / "genai_config.json").is_file():
+        return True
+    weights = any(path.glob("*.safetensors")) or any(path.glob("*.bin"))
+    onnx = (path / "model.onnx").is_file() or (path / "decoder_model_merged.onnx").is_file()
+    return onnx and not weights
+
+
 def resolve_spec(spec: str | Path) -> ModelSpec:
     """Turn a user's model argument into a :class:`ModelSpec`.
 
@@ -120,7 +129,7 @@ def resolve_spec(spec: str | Path) -> ModelSpec:
             f"Model file {path} is not a .gguf file",
             "pass a Hugging Face directory or a .gguf file.",
         )
-    if (path / MANIFEST_NAME).is_file():
+    if (path / MANIFEST_NAME).is_file() or _foreign_export(path):
         return ModelSpec("onnx_dir", path, None, text)
     if (path / "config.json").is_file():
         return ModelSpec("hf_dir", path, None, text)

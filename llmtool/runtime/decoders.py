@@ -32,6 +32,7 @@ class DecoderModel(Protocol):
 
     session: Any
     provider: str
+    padding: str
     cuda_graph: bool
     run_options: Any
     input_names: set[str]
@@ -131,14 +132,18 @@ class Decoder:
 
 
 class StandardDecoder(Decoder):
-    """Left-padded batches over the standard graph; the cache grows by concatenation."""
+    """Padded batches over a graph that returns its grown cache; fed back each step.
 
-    padding = "left"
+    Left padding for llmtool's standard graph (and Optimum's). A foreign GroupQueryAttention
+    graph (onnxruntime-genai's) needs right padding: it reads each row's length from the mask's
+    sum, so the step's mask column is appended after the padding and it still counts.
+    """
 
     def __init__(self, model: DecoderModel, batch: int) -> None:
         self.model = model
         self.batch = batch
         self.pad_id = 0
+        self.padding = getattr(model, "padding", "left")
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> Step:
         ids, mask = pad_rows(rows, self.padding, self.pad_id)  # [B, L] each
@@ -146,7 +151,9 @@ class StandardDecoder(Decoder):
         cache = empty_cache(self.model.cache_entries, len(rows))
         logits, self.cache = self.model.forward(ids, mask, positions, cache)
         self.mask = mask
-        self.positions = positions[:, -1]
+        self.positions = mask.sum(axis=1) - 1  # [B] each row's last position
+        if self.padding == "right":  # each row's last real token
+            return Step(logits[np.arange(len(rows)), self.positions, :])
         return Step(logits[:, -1, :])
 
     def step(self, tokens: np.ndarray) -> Step:

@@ -16,8 +16,9 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
-from llmtool.manifest import CacheSpec, Manifest, verify_files
+from llmtool.manifest import CacheSpec, verify_files
 from llmtool.runtime.decoders import Decoder, FusedDecoder, StandardDecoder, empty_cache
+from llmtool.runtime.foreign import read_contract
 from llmtool.runtime.session import SessionOptions, create_session
 
 
@@ -53,13 +54,16 @@ class OnnxCausalLM:
                 f"Export directory {self.directory} does not exist",
                 "create it with `llmtool export MODEL --out DIR`.",
             )
-        self.contract = Manifest.read(self.directory)
+        # llmtool.json, or the contract inferred from an Optimum / onnxruntime-genai export.
+        self.contract = read_contract(self.directory)
         self.manifest = self.contract.raw  # the file as read, for reports and eval records
         if self.manifest.get("kind") == "seq2seq":
             raise UsageError(
                 f"{self.directory} is an encoder-decoder export",
                 "use llmtool.runtime.seq2seq.OnnxSeq2Seq (the CLI picks it itself).",
             )
+        # Whose layout this is: llmtool, or the foreign one recognised (llmtool.runtime.foreign).
+        self.recognised: str = self.manifest.get("recognised", "llmtool")
         verify_files(self.directory, self.manifest, hashes=verify)
         self.layout = self.contract.layout
         self.padding = self.contract.padding
