@@ -93,6 +93,56 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Starcoder2ForCausalLM",
         {"sliding_window": WINDOW, "hidden_act": "gelu_pytorch_tanh"},
     ),
+    # Parallel residual, partial rotary: 16 of 32 head dims turn (fused: GroupQueryAttention).
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"num_attention_heads": 2, "rotary_pct": 0.5},
+    ),
+    "gpt_neox_sequential": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"num_attention_heads": 2, "rotary_pct": 0.5, "use_parallel_residual": False},
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        {"num_attention_heads": 2, "partial_rotary_factor": 0.5},
+    ),
+    # Interleaved rotary on 16 of 32 head dims.
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"num_attention_heads": 2, "rotary_dim": 16}),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
+    ),
+    # Falcon-7B's layout: one shared key/value head, one LayerNorm, parallel attention.
+    "falcon_multi_query": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"multi_query": True, "parallel_attn": True, "ffn_hidden_size": 128, "bias": True},
+    ),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"n_head": 4}),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_inner": 128}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # One sparse layer, one dense (mlp_only_layers), per-head qk-norm.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "mlp_only_layers": [1],
+        },
+    ),
 }
 
 
@@ -126,7 +176,7 @@ def build_family(name: str, vocab_size: int, seed: int = 0) -> Any:
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # norm gains away from 1, so a graph that skips one is caught
         for pname, p in model.named_parameters():
-            if "norm" in pname:
+            if "norm" in pname or ".ln" in pname:
                 p.normal_(1.0, 0.3)
     return model
 

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
+from llmtool.export.blocks import alibi_bias, moe_mlp, rotate_interleaved
 from llmtool.export.contract import FLOAT_TYPES, BuiltGraph, GraphIO, WeightFormat, cache_entries
 from llmtool.export.graph import GraphBuilder
 from llmtool.export.weights import DecoderWeights, LayerWeights
@@ -102,10 +103,10 @@ class DecoderGraph:
         offset = self.w.norm_weight_offset
         return self.weight(f"{name}.weight", weight + np.float32(offset) if offset else weight)
 
-    def activation(self, h: str) -> str:
+    def activation(self, h: str, inter: int) -> str:
+        """The MLP activation of ``h`` [..., I] (gated: [..., 2*I], gate then up)."""
         g, kind = self.g, self.w.activation
         if kind.endswith("_glu"):  # act(gate) * up
-            inter = self.w.layers[0].down_w.shape[0]
             gate, up = g.split_last(h, [inter, inter])
             return g.op("Mul", [self.plain_activation(gate, kind.removesuffix("_glu")), up])
         return self.plain_activation(h, kind)
@@ -145,6 +146,8 @@ class DecoderGraph:
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
                 h = g.op("Add", [h, g.op("Gather", [pos, "position_ids"], axis=0)])
+            if w.embed_norm_w is not None:  # BLOOM's word_embeddings_layernorm
+                h = self.norm(h, "embed_norm", w.embed_norm_w, w.embed_norm_b)
         h = self.decoder_layers(h)  # final norm applied
         with g.scope("head"):
             logits = self.lm_head(h, embed)
@@ -174,6 +177,9 @@ class DecoderGraph:
             # One additive mask per distinct window (None = full causal), shared by its layers.
             windows = {lw.sliding_window for lw in w.layers}
             masks = {win: self.attention_bias(win) for win in sorted(windows, key=lambda x: x or 0)}
+            if w.alibi_slopes is not None:  # [B, H, S, T]: ALiBi is per head
+                alibi = alibi_bias(self, w.alibi_slopes)
+                masks = {win: g.op("Add", [m, alibi]) for win, m in masks.items()}
         rope = local = None
         if w.rope_cos is not None and w.rope_sin is not None:
             with g.scope("rope"):
@@ -272,12 +278,29 @@ class DecoderGraph:
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
         o = self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
         o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        if lw.parallel:  # both branches read h: h + attn(norm1(h)) + mlp(norm2(h) or norm1(h))
+            x2 = (
+                x
+                if lw.norm2_w is None
+                else self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+            )
+            mlp = self.mlp(i, lw, x2)
+            return g.op("Add", [g.op("Add", [h, self.scaled(o)]), self.scaled(mlp)])
         h = g.op("Add", [h, self.scaled(o)])
         x = self.pre_norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
-        a = self.activation(self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b))
-        mlp = self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
-        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
+        mlp = self.pre_norm(
+            self.mlp(i, lw, x), f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None
+        )
         return g.op("Add", [h, self.scaled(mlp)])
+
+    def mlp(self, i: int, lw: LayerWeights, x: str) -> str:
+        """The feed-forward branch: a (gated) MLP, or routed experts (MoE)."""
+        if lw.moe is not None:
+            return moe_mlp(self, f"layers.{i}.moe", lw.moe, x)
+        a = self.activation(
+            self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b), lw.down_w.shape[0]
+        )
+        return self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
 
     def pre_norm(
         self, x: str, name: str, weight: np.ndarray | None, bias: np.ndarray | None
@@ -310,8 +333,11 @@ class DecoderGraph:
         passed = None
         if r < d:
             x, passed = g.split_last(x, [r, d - r])
-        x1, x2 = g.split_last(x, [r // 2, r // 2])
-        rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+        if self.w.rotary_interleaved:
+            rotated = rotate_interleaved(self, x)
+        else:
+            x1, x2 = g.split_last(x, [r // 2, r // 2])
+            rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
         y = g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
         return y if passed is None else g.op("Concat", [y, passed], axis=-1)
 
