@@ -176,8 +176,8 @@ def build_family(name: str, vocab_size: int, seed: int = 0) -> Any:
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # norm gains away from 1, so a graph that skips one is caught
         for pname, p in model.named_parameters():
-            if "norm" in pname or ".ln" in pname:
-                p.normal_(1.0, 0.3)
+            if "norm" in pname or ".ln" in pname:  # gains around 1, LayerNorm biases around 0
+                p.normal_(0.0 if pname.endswith("bias") else 1.0, 0.3)
     return model
 
 
@@ -213,12 +213,18 @@ def torch_greedy(model: Any, ids: list[int], steps: int) -> list[int]:
 def onnx_greedy(onnx_dir: Path, rows: list[list[int]], steps: int) -> list[list[int]]:
     from llmtool.runtime.model import OnnxCausalLM
 
+    def pick(logits: np.ndarray) -> np.ndarray:
+        # transformers' min_new_tokens (torch_greedy) masks EOS (id 0 in these models): so here.
+        logits = logits.copy()
+        logits[:, 0] = -np.inf
+        return logits.argmax(-1)
+
     model = OnnxCausalLM(onnx_dir, "cpu")
     decoder = model.decoder(len(rows), max(len(r) for r in rows) + steps + 1)
-    tokens = decoder.prefill(rows).logits().argmax(-1)
+    tokens = pick(decoder.prefill(rows).logits())
     out = [tokens]
     for _ in range(steps - 1):
-        tokens = decoder.step(tokens).logits().argmax(-1)
+        tokens = pick(decoder.step(tokens).logits())
         out.append(tokens)
     return np.stack(out, 1).tolist()
 

@@ -163,8 +163,21 @@ class GraphBuilder:
         path = Path(path)
         external = self.weight_bytes() > defaults.EXTERNAL_DATA_THRESHOLD
         if not external:
-            model = self.to_model(producer, version)
-            onnx.save_model(model, str(path))
+            # Streamed: the graph without initializers, then one ModelProto per initializer.
+            # Protobuf merges repeated occurrences of a message field and appends repeated
+            # fields, so the file parses as the one model to_model() builds, while only one
+            # weight's bytes exist at a time (a whole ModelProto and its serialization would be
+            # two more copies of every weight at the export's peak).
+            with open(path, "wb") as f:
+                f.write(self._assemble([], producer, version).SerializeToString())
+                for name, array in self.weights.items():
+                    tensor = numpy_helper.from_array(array, name)
+                    f.write(
+                        onnx.ModelProto(
+                            graph=onnx.GraphProto(initializer=[tensor])
+                        ).SerializeToString()
+                    )
+                    del tensor
             return [path]
         data_path = path.with_name(path.name + ".data")
         inits = []

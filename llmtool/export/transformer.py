@@ -48,7 +48,8 @@ class DecoderGraph:
 
     # helpers ------------------------------------------------------------------------------
     def weight(self, name: str, array: np.ndarray) -> str:
-        return self.g.weight(name, array.astype(self.np_float))
+        # copy=False: fp32 weights are stored as the extractor made them, not copied once more.
+        return self.g.weight(name, array.astype(self.np_float, copy=False))
 
     def optional_weight(self, name: str, array: np.ndarray | None) -> str | None:
         return None if array is None else self.weight(name, array)
