@@ -60,10 +60,19 @@ def hf_copy(model: str, dest: Path) -> int:
     input); returns its fp32 weight bytes."""
     from llmtool.models.loading import load_model, resolve_spec
 
+    from transformers import AutoModelForCausalLM
+
     loaded = load_model(resolve_spec(model))
-    loaded.model.save_pretrained(dest)
+    # A GGUF-loaded model refuses save_pretrained (it counts as quantized): copy its de-quantized
+    # weights into a plain model of the same config.
+    config = loaded.model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config)
+    plain.load_state_dict(loaded.model.state_dict())
+    plain.save_pretrained(dest)
     loaded.tokenizer.save_pretrained(dest)
-    return sum(p.numel() * 4 for p in loaded.model.parameters())
+    return sum(p.numel() * 4 for p in plain.parameters())
 
 
 def main() -> None:

@@ -148,7 +148,14 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
 
 # Run by default (one per group of features); the rest carry the ``families`` marker and run in
 # ``nox -s families`` (``pytest -m families``).
-DEFAULT_RUN = {"qwen2_max_window_layers", "gemma2", "olmo2", "phi3_partial_rotary"}
+DEFAULT_RUN = {
+    "qwen2_max_window_layers",
+    "gemma2",
+    "olmo2",
+    "phi3_partial_rotary",
+    "gptj",  # parallel residual, one shared norm, interleaved partial rotary, fused
+    "mixtral",  # routed experts, fused
+}
 
 
 def _family_params() -> list[Any]:
@@ -287,8 +294,37 @@ def test_families_are_registered():
         "olmo2",
         "smollm3",
         "stablelm",
+        "gpt_neox",
+        "phi",
+        "gptj",
+        "falcon",
+        "cohere",
+        "opt",
+        "bloom",
+        "gpt_bigcode",
+        "qwen3_moe",
+        "mixtral",
     }
     assert expected <= set(supported_model_types())
+
+
+def test_new_families_record_their_features(family_export):
+    """The manifest names the features each family's graph uses (checked where they are new)."""
+    import json
+
+    name, _, standard, _, _ = family_export
+    features = set(json.loads((standard / "llmtool.json").read_text())["features"])
+    expected = {
+        "gptj": {"parallel_residual", "interleaved_rotary", "partial_rotary"},
+        "gpt_neox": {"parallel_residual", "partial_rotary"},
+        "phi": {"parallel_residual", "partial_rotary"},
+        "falcon": {"parallel_residual"},
+        "cohere": {"parallel_residual", "interleaved_rotary", "multipliers"},
+        "bloom": {"alibi", "embedding_norm"},
+        "mixtral": {"moe"},
+        "qwen3_moe": {"moe", "qk_norm"},
+    }.get(name, set())
+    assert expected <= features, (name, features)
 
 
 # Refusals ---------------------------------------------------------------------------------------
@@ -311,6 +347,21 @@ def _cli_export(hf: Path, out: Path, *extra: str):
     from llmtool.cli import app
 
     return CliRunner().invoke(app, ["export", str(hf), "--out", str(out), *extra])
+
+
+def test_bloom_fused_is_refused_with_the_reason(tmp_path, tokenizer):
+    """ALiBi has no GroupQueryAttention input: exit 2 before any weight loads, nothing written."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=len(tokenizer))
+    BloomForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    result = _cli_export(tmp_path / "hf", tmp_path / "onnx", "--fused")
+    assert result.exit_code == 2, result.output
+    assert "ALiBi" in result.output and "without --fused" in result.output
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_fused_head_dim_not_multiple_of_16_is_refused(tmp_path, tokenizer):

@@ -8,6 +8,10 @@ built in a temporary directory and renamed into place only after validation pass
 
     check_request ─► load_model ─► build_onnx ─► in a temporary directory: write_files
         ─► validate_against_pytorch ─► check_quantized (--quantize) ─► commit (rename into place)
+
+Memory: the graph's weights are freed once written (``write_files`` streams them), and
+``validate_against_pytorch`` computes PyTorch's reference outputs before it opens the ONNX
+Runtime session, freeing the PyTorch weights in between unless ``check_quantized`` needs them.
 """
 
 from __future__ import annotations
@@ -193,18 +197,26 @@ def validate_against_pytorch(
     Raises:
         ValidationError: The graph does not match PyTorch.
     """
-    from llmtool.export.validate import validate_export
+    from llmtool.export.validate import torch_reference, validate_export
     from llmtool.runtime.model import OnnxCausalLM
 
-    session = OnnxCausalLM(tmp, "cpu", verify=False)
+    # PyTorch's side first; then, unless the quantization check still needs it, the PyTorch
+    # model's weights are freed before ONNX Runtime loads its copy: the export's peak memory
+    # holds one fp32 copy of the weights here, not two.
+    context = int(manifest.get("max_positions") or 0) or 1 << 30
+    reference = torch_reference(loaded.model, loaded.tokenizer, context)
     # Quantized weights cannot meet fp32 parity: their gate is the fidelity check below.
     gated = request.weights.quantize is None
+    if gated:
+        _release_weights(loaded.model)
+    session = OnnxCausalLM(tmp, "cpu", verify=False)
     report = validate_export(
         session,
-        loaded.model,
+        None,
         loaded.tokenizer,
         request.dtype,
         tolerance=None if gated else math.inf,
+        reference=reference,
     )
     manifest["validation"] = {**report.to_dict(), "gate": gated}
     if not report.passed:
@@ -213,6 +225,15 @@ def validate_against_pytorch(
             "report this model as a bug, with the figures above.",
         )
     return session
+
+
+def _release_weights(model: Any) -> None:
+    """Free a PyTorch model's parameters and buffers (moved to the meta device); the model is
+    unusable afterwards, which is fine once its reference outputs are computed."""
+    import gc
+
+    model.to("meta")
+    gc.collect()
 
 
 def check_quantized(
