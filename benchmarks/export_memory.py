@@ -58,9 +58,9 @@ def peak_rss(cmd: list[str], env: dict[str, str] | None = None) -> dict[str, Any
 def hf_copy(model: str, dest: Path) -> int:
     """Save the model llmtool loads for ``model`` as an fp32 Hugging Face directory (Optimum's
     input); returns its fp32 weight bytes."""
-    from llmtool.models.loading import load_model, resolve_spec
-
     from transformers import AutoModelForCausalLM
+
+    from llmtool.models.loading import load_model, resolve_spec
 
     loaded = load_model(resolve_spec(model))
     # A GGUF-loaded model refuses save_pretrained (it counts as quantized): copy its de-quantized
@@ -168,7 +168,15 @@ def render(record: dict[str, Any], args: argparse.Namespace) -> str:
             f"{row['peak_minus_imports_over_fp32_weights']:.2f} | {row['seconds']:.1f} |"
         )
     cmd = " ".join(sys.argv[1:])
-    lines += ["", "Produced by:", "", "```bash", f"python benchmarks/export_memory.py {cmd}", "```", ""]
+    lines += [
+        "",
+        "Produced by:",
+        "",
+        "```bash",
+        f"python benchmarks/export_memory.py {cmd}",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
