@@ -8,14 +8,21 @@ ModelProto or serialized copy of the weights. benchmarks/export_memory.py measur
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 
-def test_streamed_model_file_parses_as_the_whole_model(tokenizer, tmp_path):
+@pytest.mark.parametrize("direct_bytes", [0, 1 << 20])  # every weight written from its array / none
+def test_streamed_model_file_parses_as_the_whole_model(
+    tokenizer, tmp_path, monkeypatch, direct_bytes
+):
     import onnx
     import onnxruntime as ort
 
     from conftest import build_tiny_model
+    from llmtool.export import graph as graph_module
     from llmtool.export.registry import build_graph
+
+    monkeypatch.setattr(graph_module, "DIRECT_WRITE_BYTES", direct_bytes)
 
     model = build_tiny_model("llama", len(tokenizer))
     built = build_graph(model, "fp32", 17)

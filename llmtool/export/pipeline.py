@@ -230,10 +230,23 @@ def validate_against_pytorch(
 def _release_weights(model: Any) -> None:
     """Free a PyTorch model's parameters and buffers (moved to the meta device); the model is
     unusable afterwards, which is fine once its reference outputs are computed."""
+    model.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS.
+
+    Weights of a few MB each are allocated on glibc's heap (its mmap threshold grows once large
+    blocks are freed), where free() keeps their pages; ``malloc_trim`` returns them, so the
+    memory freed between stages is really available to the next one. No-op without glibc.
+    """
+    import ctypes
     import gc
 
-    model.to("meta")
     gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_quantized(
@@ -353,6 +366,7 @@ def export_model(
         with _timed(seconds, "save"):
             manifest = write_files(tmp, request, loaded, built)
         del built  # the graph's weights: freed before ONNX Runtime loads its own copy
+        _trim_heap()
         stage("Validating ONNX Runtime (CPU) against PyTorch")
         with _timed(seconds, "validate"):
             session = validate_against_pytorch(tmp, request, loaded, manifest)
