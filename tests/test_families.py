@@ -93,12 +93,69 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "Starcoder2ForCausalLM",
         {"sliding_window": WINDOW, "hidden_act": "gelu_pytorch_tanh"},
     ),
+    # Parallel residual, partial rotary: 16 of 32 head dims turn (fused: GroupQueryAttention).
+    "gpt_neox": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"num_attention_heads": 2, "rotary_pct": 0.5},
+    ),
+    "gpt_neox_sequential": (
+        "GPTNeoXConfig",
+        "GPTNeoXForCausalLM",
+        {"num_attention_heads": 2, "rotary_pct": 0.5, "use_parallel_residual": False},
+    ),
+    "phi": (
+        "PhiConfig",
+        "PhiForCausalLM",
+        {"num_attention_heads": 2, "partial_rotary_factor": 0.5},
+    ),
+    # Interleaved rotary on 16 of 32 head dims.
+    "gptj": ("GPTJConfig", "GPTJForCausalLM", {"num_attention_heads": 2, "rotary_dim": 16}),
+    "falcon": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"new_decoder_architecture": True, "num_kv_heads": 2, "ffn_hidden_size": 128},
+    ),
+    # Falcon-7B's layout: one shared key/value head, one LayerNorm, parallel attention.
+    "falcon_multi_query": (
+        "FalconConfig",
+        "FalconForCausalLM",
+        {"multi_query": True, "parallel_attn": True, "ffn_hidden_size": 128, "bias": True},
+    ),
+    "cohere": ("CohereConfig", "CohereForCausalLM", {"logit_scale": 0.5}),
+    "opt": ("OPTConfig", "OPTForCausalLM", {"ffn_dim": 128, "word_embed_proj_dim": 64}),
+    "bloom": ("BloomConfig", "BloomForCausalLM", {"n_head": 4}),
+    "gpt_bigcode": ("GPTBigCodeConfig", "GPTBigCodeForCausalLM", {"n_inner": 128}),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",
+        {"num_local_experts": 4, "num_experts_per_tok": 2},
+    ),
+    # One sparse layer, one dense (mlp_only_layers), per-head qk-norm.
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        {
+            "head_dim": 16,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "mlp_only_layers": [1],
+        },
+    ),
 }
 
 
 # Run by default (one per group of features); the rest carry the ``families`` marker and run in
 # ``nox -s families`` (``pytest -m families``).
-DEFAULT_RUN = {"qwen2_max_window_layers", "gemma2", "olmo2", "phi3_partial_rotary"}
+DEFAULT_RUN = {
+    "qwen2_max_window_layers",
+    "gemma2",
+    "olmo2",
+    "phi3_partial_rotary",
+    "gptj",  # parallel residual, one shared norm, interleaved partial rotary, fused
+    "mixtral",  # routed experts, fused
+}
 
 
 def _family_params() -> list[Any]:
@@ -126,8 +183,8 @@ def build_family(name: str, vocab_size: int, seed: int = 0) -> Any:
     model = getattr(transformers, model_cls)(config).eval()
     with torch.no_grad():  # norm gains away from 1, so a graph that skips one is caught
         for pname, p in model.named_parameters():
-            if "norm" in pname:
-                p.normal_(1.0, 0.3)
+            if "norm" in pname or ".ln" in pname:  # gains around 1, LayerNorm biases around 0
+                p.normal_(0.0 if pname.endswith("bias") else 1.0, 0.3)
     return model
 
 
@@ -163,12 +220,18 @@ def torch_greedy(model: Any, ids: list[int], steps: int) -> list[int]:
 def onnx_greedy(onnx_dir: Path, rows: list[list[int]], steps: int) -> list[list[int]]:
     from llmtool.runtime.model import OnnxCausalLM
 
+    def pick(logits: np.ndarray) -> np.ndarray:
+        # transformers' min_new_tokens (torch_greedy) masks EOS (id 0 in these models): so here.
+        logits = logits.copy()
+        logits[:, 0] = -np.inf
+        return logits.argmax(-1)
+
     model = OnnxCausalLM(onnx_dir, "cpu")
     decoder = model.decoder(len(rows), max(len(r) for r in rows) + steps + 1)
-    tokens = decoder.prefill(rows).logits().argmax(-1)
+    tokens = pick(decoder.prefill(rows).logits())
     out = [tokens]
     for _ in range(steps - 1):
-        tokens = decoder.step(tokens).logits().argmax(-1)
+        tokens = pick(decoder.step(tokens).logits())
         out.append(tokens)
     return np.stack(out, 1).tolist()
 
@@ -231,8 +294,37 @@ def test_families_are_registered():
         "olmo2",
         "smollm3",
         "stablelm",
+        "gpt_neox",
+        "phi",
+        "gptj",
+        "falcon",
+        "cohere",
+        "opt",
+        "bloom",
+        "gpt_bigcode",
+        "qwen3_moe",
+        "mixtral",
     }
     assert expected <= set(supported_model_types())
+
+
+def test_new_families_record_their_features(family_export):
+    """The manifest names the features each family's graph uses (checked where they are new)."""
+    import json
+
+    name, _, standard, _, _ = family_export
+    features = set(json.loads((standard / "llmtool.json").read_text())["features"])
+    expected = {
+        "gptj": {"parallel_residual", "interleaved_rotary", "partial_rotary"},
+        "gpt_neox": {"parallel_residual", "partial_rotary"},
+        "phi": {"parallel_residual", "partial_rotary"},
+        "falcon": {"parallel_residual"},
+        "cohere": {"parallel_residual", "interleaved_rotary", "multipliers"},
+        "bloom": {"alibi", "embedding_norm"},
+        "mixtral": {"moe"},
+        "qwen3_moe": {"moe", "qk_norm"},
+    }.get(name, set())
+    assert expected <= features, (name, features)
 
 
 # Refusals ---------------------------------------------------------------------------------------
@@ -255,6 +347,21 @@ def _cli_export(hf: Path, out: Path, *extra: str):
     from llmtool.cli import app
 
     return CliRunner().invoke(app, ["export", str(hf), "--out", str(out), *extra])
+
+
+def test_bloom_fused_is_refused_with_the_reason(tmp_path, tokenizer):
+    """ALiBi has no GroupQueryAttention input: exit 2 before any weight loads, nothing written."""
+    import torch
+    from transformers import BloomConfig, BloomForCausalLM
+
+    torch.manual_seed(0)
+    config = BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=len(tokenizer))
+    BloomForCausalLM(config).save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    result = _cli_export(tmp_path / "hf", tmp_path / "onnx", "--fused")
+    assert result.exit_code == 2, result.output
+    assert "ALiBi" in result.output and "without --fused" in result.output
+    assert not (tmp_path / "onnx").exists()
 
 
 def test_fused_head_dim_not_multiple_of_16_is_refused(tmp_path, tokenizer):

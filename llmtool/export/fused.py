@@ -180,24 +180,10 @@ class _FusedDecoderGraph(DecoderGraph):
             )  # scalar, read on the host
         self.rope_caches: list[str] = ["", ""]
         if w.rope_cos is not None and w.rope_sin is not None:
-            half = (
-                w.rope_cos.shape[1] // 2
-            )  # transformers' tables repeat the frequencies in both halves
-            self.rope_caches = [
-                self.weight("rope.cos_cache", np.ascontiguousarray(w.rope_cos[:, :half])),
-                self.weight("rope.sin_cache", np.ascontiguousarray(w.rope_sin[:, :half])),
-            ]
+            self.rope_caches = self.rope_cache("rope", w.rope_cos, w.rope_sin)
         self.local_caches = self.rope_caches
         if w.rope_local_cos is not None and w.rope_local_sin is not None:
-            half = w.rope_local_cos.shape[1] // 2
-            self.local_caches = [
-                self.weight(
-                    "rope_local.cos_cache", np.ascontiguousarray(w.rope_local_cos[:, :half])
-                ),
-                self.weight(
-                    "rope_local.sin_cache", np.ascontiguousarray(w.rope_local_sin[:, :half])
-                ),
-            ]
+            self.local_caches = self.rope_cache("rope_local", w.rope_local_cos, w.rope_local_sin)
         residual, pending = h, None
         for i, layer in enumerate(w.layers):
             with g.scope(f"layers.{i}"):
@@ -205,6 +191,19 @@ class _FusedDecoderGraph(DecoderGraph):
         with g.scope("head"):
             y, _ = self.norm_op(residual, pending, "final_norm", w.final_norm_w, w.final_norm_b)
         return y
+
+    def rope_cache(self, name: str, cos: np.ndarray, sin: np.ndarray) -> list[str]:
+        """GroupQueryAttention's [P, R/2] cos / sin caches: one entry per frequency.
+
+        transformers' tables repeat each frequency, in both halves (rotate_half) or in adjacent
+        columns (interleaved pairs, GPT-J / Cohere).
+        """
+        half = cos.shape[1] // 2
+        pick = slice(0, None, 2) if self.w.rotary_interleaved else slice(0, half)
+        return [
+            self.weight(f"{name}.cos_cache", np.ascontiguousarray(cos[:, pick])),
+            self.weight(f"{name}.sin_cache", np.ascontiguousarray(sin[:, pick])),
+        ]
 
     def fused_layer(
         self, i: int, lw: LayerWeights, residual: str, pending: str | None
@@ -235,7 +234,7 @@ class _FusedDecoderGraph(DecoderGraph):
             kv_num_heads=w.num_kv_heads,
             scale=float(lw.attn_scale),
             do_rotary=int(rotary),
-            rotary_interleaved=0,
+            rotary_interleaved=int(w.rotary_interleaved),
             local_window_size=window if window else -1,
             softcap=float(w.attn_softcap or 0.0),
         )[0]
@@ -244,12 +243,19 @@ class _FusedDecoderGraph(DecoderGraph):
         g.add_output(f"present.{i}.value", f"present.{i}.value", self.onnx_float, present_shape)
         o = self.linear(attn, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
         o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        if lw.parallel:  # the next norm's skip input is attn + mlp, both read from this residual
+            x2 = (
+                x
+                if lw.norm2_w is None
+                else self.pre_norm(residual, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+            )
+            return residual, self.g.op("Add", [self.scaled(o), self.scaled(self.mlp(i, lw, x2))])
         x, residual = self.placed_norm(
             residual, self.scaled(o), f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b
         )
-        up = self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b)
-        mlp = self.linear(self.activation(up), f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
-        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
+        mlp = self.pre_norm(
+            self.mlp(i, lw, x), f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None
+        )
         return residual, self.scaled(mlp)
 
     def placed_norm(
@@ -288,10 +294,10 @@ class _FusedDecoderGraph(DecoderGraph):
             out.append(g.op("Reshape", [normed, g.const([0, 0, -1])]))
         return [*out, v]
 
-    def activation(self, h: str) -> str:
+    def activation(self, h: str, inter: int) -> str:
         if self.w.activation == "gelu_tanh":
             return self.g.op("FastGelu", [h], domain=MS_DOMAIN)
-        return super().activation(h)
+        return super().activation(h, inter)
 
 
 _INT64_MAX = int(np.iinfo(np.int64).max)

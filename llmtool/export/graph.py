@@ -8,6 +8,7 @@ would not fit in one protobuf.
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -165,8 +166,15 @@ class GraphBuilder:
         path = Path(path)
         external = self.weight_bytes() > defaults.EXTERNAL_DATA_THRESHOLD
         if not external:
-            model = self.to_model(producer, version)
-            onnx.save_model(model, str(path))
+            # Streamed: the graph without initializers, then one ModelProto per initializer.
+            # Protobuf merges repeated occurrences of a message field and appends repeated
+            # fields, so the file parses as the one model to_model() builds, while only one
+            # weight's bytes exist at a time (a whole ModelProto and its serialization would be
+            # two more copies of every weight at the export's peak).
+            with open(path, "wb") as f:
+                f.write(self._assemble([], producer, version).SerializeToString())
+                for name, array in self.weights.items():
+                    _write_initializer(f, name, array)
             return [path]
         data_path = path.with_name(path.name + data_suffix)
         inits = []
@@ -197,3 +205,46 @@ class GraphBuilder:
         model = self._assemble(inits, producer, version)
         onnx.save_model(model, str(path))
         return [path, data_path]
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, n = n & 0x7F, n >> 7
+        out.append(byte | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, length: int) -> bytes:
+    """A length-delimited protobuf field's key and length."""
+    return _varint(number << 3 | 2) + _varint(length)
+
+
+# Initializers of at least this many bytes are written straight from their array.
+DIRECT_WRITE_BYTES = 1 << 20
+# ModelProto.graph, GraphProto.initializer and TensorProto.raw_data field numbers (onnx.proto).
+_MODEL_GRAPH, _GRAPH_INITIALIZER, _TENSOR_RAW_DATA = 7, 5, 9
+
+
+def _write_initializer(f: Any, name: str, array: np.ndarray) -> None:
+    """Append ``ModelProto{graph: {initializer: [tensor]}}`` to ``f``, the tensor's bytes written
+    straight from ``array`` (no copy of it is made, however large)."""
+    if not array.flags.c_contiguous:  # (np.ascontiguousarray would make a scalar 1-d)
+        array = np.ascontiguousarray(array)
+    if array.nbytes < DIRECT_WRITE_BYTES or array.dtype not in NP_TO_ONNX:  # through onnx
+        tensor = numpy_helper.from_array(array, name)
+        f.write(onnx.ModelProto(graph=onnx.GraphProto(initializer=[tensor])).SerializeToString())
+        return
+    header = TensorProto()
+    header.name = name
+    header.data_type = NP_TO_ONNX[array.dtype]
+    header.dims.extend(array.shape)
+    head = header.SerializeToString()
+    tensor_len = len(head) + len(_field(_TENSOR_RAW_DATA, array.nbytes)) + array.nbytes
+    graph_len = len(_field(_GRAPH_INITIALIZER, tensor_len)) + tensor_len
+    f.write(_field(_MODEL_GRAPH, graph_len) + _field(_GRAPH_INITIALIZER, tensor_len) + head)
+    f.write(_field(_TENSOR_RAW_DATA, array.nbytes))
+    if sys.byteorder != "little":  # ONNX raw_data is little-endian
+        array = array.astype(array.dtype.newbyteorder("<"))
+    f.write(array.reshape(-1).view(np.uint8).data)

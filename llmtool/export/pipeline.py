@@ -8,6 +8,10 @@ built in a temporary directory and renamed into place only after validation pass
 
     check_request ─► load_model ─► build_onnx ─► in a temporary directory: write_files
         ─► validate_against_pytorch ─► check_quantized (--quantize) ─► commit (rename into place)
+
+Memory: the graph's weights are freed once written (``write_files`` streams them), and
+``validate_against_pytorch`` computes PyTorch's reference outputs before it opens the ONNX
+Runtime session, freeing the PyTorch weights in between unless ``check_quantized`` needs them.
 """
 
 from __future__ import annotations
@@ -220,18 +224,26 @@ def validate_against_pytorch(
     Raises:
         ValidationError: The graph does not match PyTorch.
     """
-    from llmtool.export.validate import validate_export
+    from llmtool.export.validate import torch_reference, validate_export
     from llmtool.runtime.model import OnnxCausalLM
 
-    session = OnnxCausalLM(tmp, "cpu", verify=False)
+    # PyTorch's side first; then, unless the quantization check still needs it, the PyTorch
+    # model's weights are freed before ONNX Runtime loads its copy: the export's peak memory
+    # holds one fp32 copy of the weights here, not two.
+    context = int(manifest.get("max_positions") or 0) or 1 << 30
+    reference = torch_reference(loaded.model, loaded.tokenizer, context)
     # Quantized weights cannot meet fp32 parity: their gate is the fidelity check below.
     gated = request.weights.quantize is None
+    if gated:
+        _release_weights(loaded.model)
+    session = OnnxCausalLM(tmp, "cpu", verify=False)
     report = validate_export(
         session,
-        loaded.model,
+        None,
         loaded.tokenizer,
         request.dtype,
         tolerance=None if gated else math.inf,
+        reference=reference,
     )
     manifest["validation"] = {**report.to_dict(), "gate": gated}
     if not report.passed:
@@ -240,6 +252,28 @@ def validate_against_pytorch(
             "report this model as a bug, with the figures above.",
         )
     return session
+
+
+def _release_weights(model: Any) -> None:
+    """Free a PyTorch model's parameters and buffers (moved to the meta device); the model is
+    unusable afterwards, which is fine once its reference outputs are computed."""
+    model.to("meta")
+    _trim_heap()
+
+
+def _trim_heap() -> None:
+    """Collect garbage and hand freed heap pages back to the OS.
+
+    Weights of a few MB each are allocated on glibc's heap (its mmap threshold grows once large
+    blocks are freed), where free() keeps their pages; ``malloc_trim`` returns them, so the
+    memory freed between stages is really available to the next one. No-op without glibc.
+    """
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def check_quantized(
@@ -378,6 +412,7 @@ def export_model(
         with _timed(seconds, "save"):
             manifest = write_files(tmp, request, loaded, built)
         del built  # the graph's weights: freed before ONNX Runtime loads its own copy
+        _trim_heap()
         stage("Validating ONNX Runtime (CPU) against PyTorch")
         with _timed(seconds, "validate"):
             session = validate_against_pytorch(tmp, request, loaded, manifest)

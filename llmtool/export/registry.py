@@ -21,14 +21,24 @@ from llmtool.errors import UsageError
 from llmtool.export.contract import BuiltGraph, GraphOptions, WeightFormat
 from llmtool.export.extractors import (
     check_rope_config,
+    extract_bloom,
+    extract_cohere,
+    extract_falcon,
     extract_gemma,
     extract_gemma2,
     extract_gemma3_text,
     extract_gpt2,
+    extract_gpt_bigcode,
+    extract_gpt_neox,
+    extract_gptj,
     extract_granite,
     extract_llama,
+    extract_mixtral,
     extract_olmo2,
+    extract_opt,
+    extract_phi,
     extract_qwen3,
+    extract_qwen3_moe,
     extract_smollm3,
     extract_stablelm,
     extract_starcoder2,
@@ -104,6 +114,33 @@ ARCHITECTURES: dict[str, Architecture] = {
         "LayerNorm, learned positions, GELU MLP, biases everywhere",
         rotary=False,
     ),
+    "gpt_bigcode": decoder(
+        extract_gpt_bigcode,
+        "GPT-2 layout with one shared key/value head (multi-query)",
+        rotary=False,
+    ),
+    "opt": decoder(
+        extract_opt, "Pre-LayerNorm, learned positions (offset 2), ReLU MLP", rotary=False
+    ),
+    "bloom": Architecture(
+        "ALiBi attention biases, LayerNorm after the embeddings, GELU MLP",
+        build_decoder,
+        extract_bloom,
+        no_fused="GroupQueryAttention has no ALiBi bias",
+    ),
+    "gpt_neox": decoder(extract_gpt_neox, "Parallel residual, partial rotary, LayerNorm (Pythia)"),
+    "gptj": decoder(
+        extract_gptj, "Parallel residual with one LayerNorm, interleaved partial rotary"
+    ),
+    "phi": decoder(extract_phi, "Phi-1/2: parallel attention and MLP, partial rotary, LayerNorm"),
+    "falcon": decoder(
+        extract_falcon, "Parallel attention, multi-query or grouped KV (new decoder architecture)"
+    ),
+    "cohere": decoder(
+        extract_cohere, "Parallel block, bias-free LayerNorm, interleaved rotary, logit scale"
+    ),
+    "mixtral": decoder(extract_mixtral, "Mistral with top-k routed SwiGLU experts (MoE)"),
+    "qwen3_moe": decoder(extract_qwen3_moe, "Qwen3 with top-k routed SwiGLU experts (MoE)"),
     LSTM_TYPE: Architecture(
         "llmtool train's LSTM: the (h, c) state is the cache",
         build_recurrent_graph,

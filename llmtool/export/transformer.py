@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 from onnx import TensorProto
 
+from llmtool.export.blocks import alibi_bias, moe_mlp, rotate_interleaved
 from llmtool.export.contract import FLOAT_TYPES, BuiltGraph, GraphIO, WeightFormat, cache_entries
 from llmtool.export.graph import GraphBuilder
 from llmtool.export.weights import DecoderWeights, LayerWeights
@@ -36,9 +37,7 @@ class DecoderGraph:
 
     layout = "standard"
 
-    def __init__(
-        self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None
-    ) -> None:
+    def __init__(self, w: DecoderWeights, dtype: str, opset: int, fmt: WeightFormat | None = None):
         self.w = w
         self.fmt = fmt or WeightFormat()
         self.dtype = dtype
@@ -47,7 +46,8 @@ class DecoderGraph:
 
     # helpers ------------------------------------------------------------------------------
     def weight(self, name: str, array: np.ndarray) -> str:
-        return self.g.weight(name, array.astype(self.np_float))
+        # copy=False: fp32 weights are stored as the extractor made them, not copied once more.
+        return self.g.weight(name, array.astype(self.np_float, copy=False))
 
     def optional_weight(self, name: str, array: np.ndarray | None) -> str | None:
         return None if array is None else self.weight(name, array)
@@ -102,10 +102,10 @@ class DecoderGraph:
         offset = self.w.norm_weight_offset
         return self.weight(f"{name}.weight", weight + np.float32(offset) if offset else weight)
 
-    def activation(self, h: str) -> str:
+    def activation(self, h: str, inter: int) -> str:
+        """The MLP activation of ``h`` [..., I] (gated: [..., 2*I], gate then up)."""
         g, kind = self.g, self.w.activation
         if kind.endswith("_glu"):  # act(gate) * up
-            inter = self.w.layers[0].down_w.shape[0]
             gate, up = g.split_last(h, [inter, inter])
             return g.op("Mul", [self.plain_activation(gate, kind.removesuffix("_glu")), up])
         return self.plain_activation(h, kind)
@@ -146,6 +146,8 @@ class DecoderGraph:
             if w.positions is not None:
                 pos = self.weight("embed_positions.weight", w.positions)
                 h = g.op("Add", [h, g.op("Gather", [pos, positions], axis=0)])
+            if w.embed_norm_w is not None:  # BLOOM's word_embeddings_layernorm
+                h = self.norm(h, "embed_norm", w.embed_norm_w, w.embed_norm_b)
         h = self.decoder_layers(h)  # final norm applied
         with g.scope("head"):
             logits = self.lm_head(h, embed)
@@ -156,10 +158,9 @@ class DecoderGraph:
             TensorProto.FLOAT,
             ["batch", "sequence", w.vocab_size],
         )
-        outputs = ["logits", *extra, *[c["output"] for c in cache]]
         io = GraphIO(
             inputs=["input_ids", "attention_mask", "position_ids", *[c["input"] for c in cache]],
-            outputs=outputs,
+            outputs=["logits", *extra, *[c["output"] for c in cache]],
             cache=cache,
             layout=self.layout,
         )
@@ -168,8 +169,7 @@ class DecoderGraph:
         return g, io
 
     def cache_entries(self) -> list[dict[str, Any]]:
-        w = self.w
-        return cache_entries(w.num_layers, w.num_kv_heads, w.head_dim, self.dtype)
+        return cache_entries(self.w.num_layers, self.w.num_kv_heads, self.w.head_dim, self.dtype)
 
     def token_inputs(self) -> tuple[str, str]:
         """The token ids and positions the layers read (the fused graph reorders padded rows)."""
@@ -189,6 +189,9 @@ class DecoderGraph:
             # One additive mask per distinct window (None = full causal), shared by its layers.
             windows = {lw.sliding_window for lw in w.layers}
             masks = {win: self.attention_bias(win) for win in sorted(windows, key=lambda x: x or 0)}
+            if w.alibi_slopes is not None:  # [B, H, S, T]: ALiBi is per head
+                alibi = alibi_bias(self, w.alibi_slopes)
+                masks = {win: g.op("Add", [m, alibi]) for win, m in masks.items()}
         rope = local = None
         if w.rope_cos is not None and w.rope_sin is not None:
             with g.scope("rope"):
@@ -287,12 +290,29 @@ class DecoderGraph:
         ctx = self.attend(q, k, v, bias, lw.attn_scale)
         o = self.linear(ctx, f"layers.{i}.attn.o", lw.o_w, lw.o_b)
         o = self.pre_norm(o, f"layers.{i}.post_attn_norm", lw.post_attn_norm_w, None)
+        if lw.parallel:  # both branches read h: h + attn(norm1(h)) + mlp(norm2(h) or norm1(h))
+            x2 = (
+                x
+                if lw.norm2_w is None
+                else self.norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
+            )
+            mlp = self.mlp(i, lw, x2)
+            return g.op("Add", [g.op("Add", [h, self.scaled(o)]), self.scaled(mlp)])
         h = g.op("Add", [h, self.scaled(o)])
         x = self.pre_norm(h, f"layers.{i}.norm2", lw.norm2_w, lw.norm2_b)
-        a = self.activation(self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b))
-        mlp = self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
-        mlp = self.pre_norm(mlp, f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None)
+        mlp = self.pre_norm(
+            self.mlp(i, lw, x), f"layers.{i}.post_mlp_norm", lw.post_mlp_norm_w, None
+        )
         return g.op("Add", [h, self.scaled(mlp)])
+
+    def mlp(self, i: int, lw: LayerWeights, x: str) -> str:
+        """The feed-forward branch: a (gated) MLP, or routed experts (MoE)."""
+        if lw.moe is not None:
+            return moe_mlp(self, f"layers.{i}.moe", lw.moe, x)
+        a = self.activation(
+            self.linear(x, f"layers.{i}.mlp.up", lw.up_w, lw.up_b), lw.down_w.shape[0]
+        )
+        return self.linear(a, f"layers.{i}.mlp.down", lw.down_w, lw.down_b)
 
     def pre_norm(
         self, x: str, name: str, weight: np.ndarray | None, bias: np.ndarray | None
@@ -325,8 +345,11 @@ class DecoderGraph:
         passed = None
         if r < d:
             x, passed = g.split_last(x, [r, d - r])
-        x1, x2 = g.split_last(x, [r // 2, r // 2])
-        rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+        if self.w.rotary_interleaved:
+            rotated = rotate_interleaved(self, x)
+        else:
+            x1, x2 = g.split_last(x, [r // 2, r // 2])
+            rotated = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
         y = g.op("Add", [g.op("Mul", [x, rope[0]]), g.op("Mul", [rotated, rope[1]])])
         return y if passed is None else g.op("Concat", [y, passed], axis=-1)
 

@@ -117,21 +117,32 @@ def _rope_dicts(rope: Any) -> list[dict[str, Any]]:
     return nested or [rope]
 
 
-def _long_sequence_diff(
-    onnx_model: OnnxCausalLM, torch_model: Any, tokenizer: Any, context: int
-) -> tuple[int, float]:
-    """(length, max |Δlogits|) over one sequence past every threshold; (0, 0) when none."""
+def _long_reference(
+    torch_model: Any, tokenizer: Any, context: int
+) -> tuple[list[int], np.ndarray | None, int]:
+    """(ids, PyTorch logits [L, V], split) of one sequence past every threshold; ([], None, 0)
+    when the config declares none."""
     thresholds = position_thresholds(torch_model.config)
     if not thresholds:
-        return 0, 0.0
+        return [], None, 0
     length = min(context, thresholds[-1] + LONG_TAIL)
     ids: list[int] = []
     text = " ".join(VALIDATION_PROMPTS)
     while len(ids) < length:
         ids.extend(tokenizer(text)["input_ids"])
     ids = ids[:length]
-    reference = _torch_logits(torch_model, ids)  # [L, V]
     split = max(1, min(thresholds[-1], length) - LONG_TAIL // 2)
+    return ids, _torch_logits(torch_model, ids), split
+
+
+def _long_sequence_diff(
+    onnx_model: OnnxCausalLM, ids: list[int], reference: np.ndarray | None, split: int
+) -> tuple[int, float]:
+    """(length, max |Δlogits|) over the long sequence, prefilled to ``split`` then fed one
+    token at a time through the cache; (0, 0) when there is none."""
+    if reference is None:
+        return 0, 0.0
+    length = len(ids)
     row = np.array([ids], dtype=np.int64)
     cache = onnx_model.empty_cache(1)
     logits, cache = onnx_model.forward(
@@ -149,27 +160,32 @@ def _long_sequence_diff(
     return length, float(np.abs(np.concatenate(got) - reference).max())
 
 
-def validate_export(
-    onnx_model: OnnxCausalLM,
+@dataclass
+class TorchReference:
+    """What PyTorch computed on the validation inputs, so its model can be freed before ONNX
+    Runtime loads the export (the two fp32 copies of the weights are never held together)."""
+
+    rows: list[list[int]]  # the prompts' token ids
+    prefill: list[np.ndarray]  # [L_b, V] per row
+    steps: list[list[np.ndarray]]  # [B][steps + 1] -> [V]: the last-position logits per step
+    tokens: np.ndarray  # [B, steps + 1] PyTorch's greedy tokens
+    long_ids: list[int]
+    long_logits: np.ndarray | None  # [L, V]
+    long_split: int
+
+
+def torch_reference(
     torch_model: Any,
     tokenizer: Any,
-    dtype: str,
-    *,
+    context: int,
     decode_steps: int = defaults.VALIDATION_DECODE_STEPS,
-    tolerance: float | None = None,
-) -> ValidationReport:
-    """Compare ``onnx_model`` (an ORT session) with ``torch_model`` on the validation batch.
+) -> TorchReference:
+    """PyTorch's logits and greedy tokens on the validation inputs.
 
-    PyTorch runs each prompt alone (no padding) with full forward passes, appending its greedy
-    token each step. ONNX Runtime runs the two prompts as one padded batch (left-padded for
-    standard exports, right-padded for fused ones): one forward pass for the prefill logits at
-    every real position, then the export's own decoder fed PyTorch's greedy tokens.
+    Each prompt runs alone (no padding) with full forward passes, appending its greedy token each
+    step; then the long sequence past every position threshold (bounded by ``context``).
     """
-    start = time.perf_counter()
-    tolerance = defaults.PARITY_TOLERANCE[dtype] if tolerance is None else tolerance
     rows = [list(tokenizer(p)["input_ids"]) for p in VALIDATION_PROMPTS]
-    n = len(rows)
-
     ref_prefill = [_torch_logits(torch_model, row) for row in rows]
     greedy = [[int(ref[-1].argmax())] for ref in ref_prefill]  # [B][steps + 1]
     ref_steps = [[ref[-1]] for ref in ref_prefill]  # [B][steps + 1] -> [V]
@@ -178,7 +194,42 @@ def validate_export(
             last = _torch_logits(torch_model, row + greedy[b])[-1]
             ref_steps[b].append(last)
             greedy[b].append(int(last.argmax()))
+    long_ids, long_logits, split = _long_reference(torch_model, tokenizer, context)
     tokens = np.array(greedy, dtype=np.int64)
+    return TorchReference(rows, ref_prefill, ref_steps, tokens, long_ids, long_logits, split)
+
+
+def validate_export(
+    onnx_model: OnnxCausalLM,
+    torch_model: Any,
+    tokenizer: Any,
+    dtype: str,
+    *,
+    decode_steps: int = defaults.VALIDATION_DECODE_STEPS,
+    tolerance: float | None = None,
+    reference: TorchReference | None = None,
+) -> ValidationReport:
+    """Compare ``onnx_model`` (an ORT session) with PyTorch on the validation batch.
+
+    PyTorch's side is ``reference`` when given (``torch_model`` is then not used), else computed
+    from ``torch_model`` (:func:`torch_reference`). ONNX Runtime runs the two prompts as one
+    padded batch (left-padded for standard exports, right-padded for fused ones): one forward
+    pass for the prefill logits at every real position, then the export's own decoder fed
+    PyTorch's greedy tokens; then the long sequence through the cache.
+    """
+    start = time.perf_counter()
+    tolerance = defaults.PARITY_TOLERANCE[dtype] if tolerance is None else tolerance
+    context = int(getattr(onnx_model, "max_positions", 0) or 0) or 1 << 30
+    if reference is None:
+        reference = torch_reference(torch_model, tokenizer, context, decode_steps)
+    rows, ref_prefill, ref_steps, tokens = (
+        reference.rows,
+        reference.prefill,
+        reference.steps,
+        reference.tokens,
+    )
+    n = len(rows)
+    decode_steps = tokens.shape[1] - 1
 
     side = onnx_model.padding
     ids, mask = pad_rows(rows, side)
@@ -198,8 +249,9 @@ def validate_export(
         for b in range(n):
             decode_diff = max(decode_diff, float(np.abs(got_steps[t][b] - ref_steps[b][t]).max()))
 
-    context = int(getattr(onnx_model, "max_positions", 0) or 0) or 1 << 30
-    long_tokens, long_diff = _long_sequence_diff(onnx_model, torch_model, tokenizer, context)
+    long_tokens, long_diff = _long_sequence_diff(
+        onnx_model, reference.long_ids, reference.long_logits, reference.long_split
+    )
 
     near_ties: list[dict[str, Any]] = []
     mismatches: list[dict[str, Any]] = []

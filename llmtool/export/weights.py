@@ -20,6 +20,21 @@ def to_numpy(t: Any) -> np.ndarray:
 
 
 @dataclass
+class MoeWeights:
+    """A top-k routed mixture of gated experts (Mixtral, Qwen3-MoE) in place of the MLP.
+
+    The graph computes every expert densely and sums them weighted by the routing weights, which
+    are zero outside each token's top-k: exact, with no data-dependent shapes.
+    """
+
+    router_w: np.ndarray  # [E, n_experts]; router logits = x @ router_w
+    up_w: list[np.ndarray]  # per expert [E, 2*I]: gate then up
+    down_w: list[np.ndarray]  # per expert [I, E]
+    top_k: int
+    normalize: bool  # renormalize the top-k softmax weights to sum to 1
+
+
+@dataclass
 class LayerWeights:
     """One decoder layer; matrices are [in_features, out_features] (ONNX MatMul layout)."""
 
@@ -49,6 +64,10 @@ class LayerWeights:
     # OLMo 2); None where the family has none.
     post_attn_norm_w: np.ndarray | None = None
     post_mlp_norm_w: np.ndarray | None = None
+    # Parallel residual (GPT-NeoX, GPT-J, Phi, Falcon, Cohere): h + attn(norm1(h)) + mlp(x2),
+    # where x2 is norm2(h), or norm1(h) itself when norm2_w is None (one shared norm).
+    parallel: bool = False
+    moe: MoeWeights | None = None  # routed experts instead of up_w / down_w
 
 
 @dataclass
@@ -92,6 +111,12 @@ class DecoderWeights:
     # Soft-capping (Gemma 2): cap * tanh(x / cap) on attention scores / final logits.
     attn_softcap: float | None = None
     logits_softcap: float | None = None
+    # Rotary pairs (x[2i], x[2i+1]) instead of halves (GPT-J, Cohere); tables then interleaved
+    # too (cos[:, 2i] == cos[:, 2i + 1]).
+    rotary_interleaved: bool = False
+    alibi_slopes: np.ndarray | None = None  # [H]: ALiBi (BLOOM) adds slope_h * key position
+    embed_norm_w: np.ndarray | None = None  # a norm right after the embeddings (BLOOM)
+    embed_norm_b: np.ndarray | None = None
 
     @property
     def windows(self) -> list[int]:
@@ -134,6 +159,16 @@ class DecoderWeights:
             found.append("softcap")
         if self.rope_cos is not None and not all(lw.use_rope for lw in self.layers):
             found.append("nope_layers")
+        if any(lw.parallel for lw in self.layers):
+            found.append("parallel_residual")
+        if self.rotary_interleaved:
+            found.append("interleaved_rotary")
+        if self.alibi_slopes is not None:
+            found.append("alibi")
+        if any(lw.moe is not None for lw in self.layers):
+            found.append("moe")
+        if self.embed_norm_w is not None:
+            found.append("embedding_norm")
         if self.norm_weight_offset:
             found.append("offset_rms_norm")
         if self.embed_scale != 1.0:
