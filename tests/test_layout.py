@@ -46,6 +46,7 @@ LAYERS: dict[str, int] = {
     "llmtool.seq2seq": 4,
     "llmtool.export.pipeline": 4,
     "llmtool.export.validate": 4,
+    "llmtool.export.request": 4,
     # 5 presentation
     "llmtool.reports": 5,
     "llmtool.cli": 5,

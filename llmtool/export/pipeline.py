@@ -4,7 +4,8 @@ The directory holds ``model.onnx`` (plus ``model.onnx.data`` for models over 2 G
 ``config.json``, ``generation_config.json``, the tokenizer files and ``llmtool.json``. It is
 built in a temporary directory and renamed into place only after validation passes.
 
-:func:`export_model` runs named stages, each a function here::
+:func:`export_model` runs named stages, each a function here (``check_request`` in
+:mod:`llmtool.export.request`)::
 
     check_request ─► load_model ─► build_onnx ─► in a temporary directory: write_files
         ─► validate_against_pytorch ─► check_quantized (--quantize) ─► commit (rename into place)
@@ -26,17 +27,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtool import defaults
-from llmtool.errors import UsageError, ValidationError
+from llmtool.errors import ValidationError
+from llmtool.export.request import ExportRequest, check_request
 
 if TYPE_CHECKING:
-    from llmtool.export.contract import BuiltGraph, WeightFormat
-    from llmtool.models.loading import LoadedModel, ModelSpec
+    from llmtool.export.contract import BuiltGraph
+    from llmtool.models.loading import LoadedModel
     from llmtool.runtime.model import OnnxCausalLM
 
 MODEL_FILE = "model.onnx"
-DTYPES = ("fp32", "fp16")
-MIN_OPSET = 17
-MAX_OPSET = 21
 
 
 @dataclass
@@ -56,97 +55,6 @@ class ExportResult:
     @property
     def validation(self) -> dict[str, Any]:
         return self.manifest["validation"]
-
-
-def _check_options(dtype: str, opset: int) -> None:
-    if dtype not in DTYPES:
-        raise UsageError(f"Unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}.")
-    if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise UsageError(
-            f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}."
-        )
-
-
-@dataclass(frozen=True)
-class ExportRequest:
-    """Checked export options: what every stage after :func:`check_request` reads.
-
-    Attributes:
-        spec: The resolved PyTorch model spec.
-        out: The directory to create.
-        dtype: ``fp32`` or ``fp16``.
-        opset: ONNX opset.
-        fused: The fused graph.
-        weights: How linear weights are stored (``weights.quantize``: None, ``int8``, ``int4``).
-        calibration: Where the fidelity text of a quantized export comes from (recorded).
-        calibration_text: That text (None without ``--quantize``).
-        layout: File layout: ``llmtool`` (model.onnx at the top) or ``transformers.js``
-            (``onnx/model{_fp16,_q4,_quantized}.onnx``).
-    """
-
-    spec: ModelSpec
-    out: Path
-    dtype: str
-    opset: int
-    fused: bool
-    weights: WeightFormat
-    calibration: str | Path | None
-    calibration_text: str | None
-    layout: str = "llmtool"
-
-
-def check_request(
-    model: str | Path,
-    out: str | Path,
-    *,
-    dtype: str,
-    opset: int,
-    fused: bool,
-    quantize: str | None,
-    block_size: int,
-    symmetric: bool,
-    calibration: str | Path | None,
-    force: bool,
-    layout: str = defaults.EXPORT_LAYOUT,
-) -> ExportRequest:
-    """Stage 1: check every option and the model's architecture before anything is loaded.
-
-    Raises:
-        UsageError: A bad option, an existing ``out``, or an architecture export cannot build.
-    """
-    from llmtool.evaluate.data import read_text
-    from llmtool.export.contract import WeightFormat
-    from llmtool.export.interop import LAYOUTS
-    from llmtool.export.quantize import check_quantize_options
-    from llmtool.export.registry import check_supported
-    from llmtool.fsutil import check_output_dir
-    from llmtool.models.loading import read_config, resolve_spec
-
-    _check_options(dtype, opset)
-    if layout not in LAYOUTS:
-        raise UsageError(f"Unknown layout {layout!r}", f"use one of {', '.join(LAYOUTS)}.")
-    check_quantize_options(quantize, block_size)
-    if quantize and dtype != "fp32":
-        raise UsageError("--quantize starts from fp32 weights", "drop --dtype or use --dtype fp32.")
-    calibration_text = read_text(calibration or defaults.SAMPLE_TEXT) if quantize else None
-    out = Path(out)
-    spec = resolve_spec(model)
-    if spec.kind == "onnx_dir":
-        raise UsageError(
-            f"{spec.path} is already an llmtool export", "pass the PyTorch model it came from."
-        )
-    check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
-    # Loading accepts any causal LM; export refuses what it cannot build before reading weights.
-    check_supported(read_config(spec), fused=fused, quantize=quantize)
-    weights = WeightFormat(
-        quantize=quantize,
-        block_size=block_size,
-        symmetric=symmetric,
-        head_matmul=quantize is not None,
-    )
-    return ExportRequest(
-        spec, out, dtype, opset, fused, weights, calibration, calibration_text, layout
-    )
 
 
 def build_onnx(request: ExportRequest, loaded: LoadedModel) -> BuiltGraph:
@@ -374,30 +282,25 @@ def export_model(
 
     from llmtool.seq2seq.export import export_seq2seq, wants_seq2seq
 
-    if wants_seq2seq(model):  # T5 / BART / Marian: an encoder and a decoder graph
+    # The options every kind of export takes; T5 / BART / Marian get an encoder and a decoder graph.
+    common: dict[str, Any] = {
+        "dtype": dtype,
+        "opset": opset,
+        "fused": fused,
+        "quantize": quantize,
+        "force": force,
+    }
+    if wants_seq2seq(model):
         return export_seq2seq(  # type: ignore[return-value]
-            model,
-            out,
-            dtype=dtype,
-            opset=opset,
-            fused=fused,
-            quantize=quantize,
-            force=force,
-            allow_pickle=allow_pickle,
-            on_stage=on_stage,
+            model, out, **common, allow_pickle=allow_pickle, on_stage=on_stage
         )
-
     request = check_request(
         model,
         out,
-        dtype=dtype,
-        opset=opset,
-        fused=fused,
-        quantize=quantize,
+        **common,
         block_size=block_size,
         symmetric=symmetric,
         calibration=calibration,
-        force=force,
         layout=layout,
     )
     seconds: dict[str, float] = {}

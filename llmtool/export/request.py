@@ -1,0 +1,109 @@
+"""Stage 1 of ``llmtool export``: every option and the architecture checked before loading."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from llmtool import defaults
+from llmtool.errors import UsageError
+
+if TYPE_CHECKING:
+    from llmtool.export.contract import WeightFormat
+    from llmtool.models.loading import ModelSpec
+
+DTYPES = ("fp32", "fp16")
+MIN_OPSET = 17
+MAX_OPSET = 21
+
+
+def _check_options(dtype: str, opset: int) -> None:
+    if dtype not in DTYPES:
+        raise UsageError(f"Unknown dtype {dtype!r}", f"use one of {', '.join(DTYPES)}.")
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise UsageError(
+            f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}."
+        )
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """Checked export options: what every stage after :func:`check_request` reads.
+
+    Attributes:
+        spec: The resolved PyTorch model spec.
+        out: The directory to create.
+        dtype: ``fp32`` or ``fp16``.
+        opset: ONNX opset.
+        fused: The fused graph.
+        weights: How linear weights are stored (``weights.quantize``: None, ``int8``, ``int4``).
+        calibration: Where the fidelity text of a quantized export comes from (recorded).
+        calibration_text: That text (None without ``--quantize``).
+        layout: File layout: ``llmtool`` (model.onnx at the top) or ``transformers.js``
+            (``onnx/model{_fp16,_q4,_quantized}.onnx``).
+    """
+
+    spec: ModelSpec
+    out: Path
+    dtype: str
+    opset: int
+    fused: bool
+    weights: WeightFormat
+    calibration: str | Path | None
+    calibration_text: str | None
+    layout: str = "llmtool"
+
+
+def check_request(
+    model: str | Path,
+    out: str | Path,
+    *,
+    dtype: str,
+    opset: int,
+    fused: bool,
+    quantize: str | None,
+    block_size: int,
+    symmetric: bool,
+    calibration: str | Path | None,
+    force: bool,
+    layout: str = defaults.EXPORT_LAYOUT,
+) -> ExportRequest:
+    """Stage 1: check every option and the model's architecture before anything is loaded.
+
+    Raises:
+        UsageError: A bad option, an existing ``out``, or an architecture export cannot build.
+    """
+    from llmtool.evaluate.data import read_text
+    from llmtool.export.contract import WeightFormat
+    from llmtool.export.interop import LAYOUTS
+    from llmtool.export.quantize import check_quantize_options
+    from llmtool.export.registry import check_supported
+    from llmtool.fsutil import check_output_dir
+    from llmtool.models.loading import read_config, resolve_spec
+
+    _check_options(dtype, opset)
+    if layout not in LAYOUTS:
+        raise UsageError(f"Unknown layout {layout!r}", f"use one of {', '.join(LAYOUTS)}.")
+    check_quantize_options(quantize, block_size)
+    if quantize and dtype != "fp32":
+        raise UsageError("--quantize starts from fp32 weights", "drop --dtype or use --dtype fp32.")
+    calibration_text = read_text(calibration or defaults.SAMPLE_TEXT) if quantize else None
+    out = Path(out)
+    spec = resolve_spec(model)
+    if spec.kind == "onnx_dir":
+        raise UsageError(
+            f"{spec.path} is already an llmtool export", "pass the PyTorch model it came from."
+        )
+    check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
+    # Loading accepts any causal LM; export refuses what it cannot build before reading weights.
+    check_supported(read_config(spec), fused=fused, quantize=quantize)
+    weights = WeightFormat(
+        quantize=quantize,
+        block_size=block_size,
+        symmetric=symmetric,
+        head_matmul=quantize is not None,
+    )
+    return ExportRequest(
+        spec, out, dtype, opset, fused, weights, calibration, calibration_text, layout
+    )
