@@ -108,7 +108,10 @@ def test_every_transformer_family_has_a_fused_graph():
     from llmtool.export.registry import ARCHITECTURES, fused_model_types
 
     transformers_types = {t for t, a in ARCHITECTURES.items() if a.extract is not None}
-    assert transformers_types == set(fused_model_types())
+    # A family without one says why (BLOOM: GroupQueryAttention has no ALiBi bias).
+    refused = {t for t in transformers_types if ARCHITECTURES[t].no_fused}
+    assert refused == {"bloom"}
+    assert transformers_types - refused == set(fused_model_types())
 
 
 def test_cache_rows_hold_the_prompt(fused_export):
