@@ -24,6 +24,7 @@ import numpy as np
 
 from llmtool import defaults
 from llmtool.errors import UsageError
+from llmtool.evaluate import metrics
 from llmtool.evaluate.data import Corpus, load_corpus
 from llmtool.evaluate.metrics import FidelityAccumulator, nll_summary, safe_exp, token_nll
 from llmtool.evaluate.protocols import (
@@ -233,8 +234,7 @@ def score(plan: Plan, on_window: Callable[[int, int], None] | None = None) -> Sc
     start = time.perf_counter()
     for i, (d, p) in enumerate(plan.passes):
         logits = scored_logits(plan.model.window_logits, p)  # [n, V]
-        scores.nonfinite += int(logits.size - np.isfinite(logits).sum())
-        scores.per_document[d].append(token_nll(logits, p.targets))
+        scores.nonfinite += metrics.count_nonfinite(logits)
         if reference is not None and scores.fidelity is not None:
             ref_logits = scored_logits(reference.logits_fn, p)
             if ref_logits.shape[-1] != logits.shape[-1]:
@@ -243,7 +243,9 @@ def score(plan: Plan, on_window: Callable[[int, int], None] | None = None) -> Sc
                     "compare models with the same vocabulary.",
                 )
             scores.fidelity.add(logits, ref_logits, p.targets)
-            scores.reference_nll.append(token_nll(ref_logits, p.targets))
+            scores.reference_nll.append(token_nll(ref_logits, p.targets, overwrite=True))
+        # Nothing reads these logits afterwards: score them in place (no [n, V] temporary).
+        scores.per_document[d].append(token_nll(logits, p.targets, overwrite=True))
         if on_window is not None:
             on_window(i + 1, len(plan.passes))
     scores.seconds = time.perf_counter() - start

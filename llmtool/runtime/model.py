@@ -136,9 +136,15 @@ class OnnxCausalLM:
     def window_logits(self, input_ids: np.ndarray) -> np.ndarray:
         """Logits [1, L, V] of one unpadded row [1, L] with no past (perplexity windows)."""
         length = input_ids.shape[1]
-        mask = np.ones((1, length), dtype=np.int64)
-        positions = np.arange(length, dtype=np.int64)[None, :]
-        return self.forward(input_ids, mask, positions, self.empty_cache(1))[0]
+        feeds = {
+            "input_ids": input_ids,
+            "attention_mask": np.ones((1, length), dtype=np.int64),
+            "position_ids": np.arange(length, dtype=np.int64)[None, :],
+        }
+        feeds = {k: v for k, v in feeds.items() if k in self.input_names}
+        feeds.update(self.empty_cache(1))
+        # Only the logits: the cache a window leaves is never read, so it is not copied out.
+        return self.session.run(["logits"], feeds, self.run_options)[0]
 
     def forward(
         self,
