@@ -106,7 +106,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """CPU generation benchmark on SmolLM2 (GPU benchmarks run on a GPU machine; see benchmarks/README.md)."""
+    """CPU generation and perplexity-speed benchmarks on SmolLM2 (GPU ones: see benchmarks/README.md)."""
     install_project(session, "[dev]")
     session.install("llama-cpp-python")  # the peer; builds from source where no wheel exists
     session.run(
@@ -116,6 +116,10 @@ def bench(session: nox.Session) -> None:
         "benchmarks/results/cpu_generate.json",
         *session.posargs,
         env=ENV,
+    )
+    # Perplexity speed: llmtool eval (fp32, int4) against transformers and llama.cpp.
+    session.run(
+        "python", "benchmarks/eval_speed.py", "--out", "benchmarks/results/eval_speed.json", env=ENV
     )
 
 

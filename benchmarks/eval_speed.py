@@ -49,6 +49,7 @@ from cpu_generate import environment, log  # noqa: E402  (the same machine recor
 
 EXPORTS: dict[str, dict[str, Any]] = {
     "fp32": {},
+    "fp32-fused": {"fused": True},
     "int4": {"quantize": "int4", "fused": True},
 }
 # One timed run: scored tokens, seconds (wall, tokenization included) and the perplexity.
@@ -124,7 +125,39 @@ def transformers_runner(text: Path, args: argparse.Namespace) -> Runner:
     return run
 
 
-def llama_cpp_runner(text: Path, args: argparse.Namespace) -> Runner:
+def f32_gguf(src: Path, dst: Path) -> Path:
+    """``src`` with every tensor de-quantized to F32: the same weights llmtool's fp32 export holds.
+
+    Metadata (tokenizer included) is copied as is, so only llama.cpp's arithmetic changes.
+    """
+    if dst.is_file():
+        return dst
+    import numpy as np
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter  # type: ignore[import-untyped]
+    from gguf.quants import dequantize  # type: ignore[import-untyped]
+
+    reader = GGUFReader(str(src))
+    writer = GGUFWriter(str(dst), reader.fields["general.architecture"].contents())
+    for name, f in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture":
+            continue
+        if name == "general.file_type":
+            writer.add_uint32(name, 0)  # ALL_F32
+        elif f.types[0] == GGUFValueType.ARRAY:
+            writer.add_key_value(name, f.contents(), f.types[0], sub_type=f.types[-1])
+        else:
+            writer.add_key_value(name, f.contents(), f.types[0])
+    for t in reader.tensors:
+        values = dequantize(t.data, t.tensor_type).astype(np.float32)
+        writer.add_tensor(t.name, values.reshape([int(n) for n in reversed(t.shape)]))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def llama_cpp_runner(text: Path, args: argparse.Namespace, gguf: Path) -> Runner:
     """llama-perplexity's procedure through llama-cpp-python on the GGUF (Q4_1) file.
 
     As ``llama-perplexity -c L``: the text tokenized as the GGUF says (BOS only when its
@@ -135,11 +168,11 @@ def llama_cpp_runner(text: Path, args: argparse.Namespace) -> Runner:
     from llama_cpp import Llama  # type: ignore[import-not-found]
 
     from llmtool.evaluate.metrics import token_nll
-    from llmtool.models.loading import smollm2_path
+    from llmtool.models.loading import load_tokenizer, resolve_spec
 
     n_ctx = args.max_length
     llm = Llama(
-        model_path=str(smollm2_path()),
+        model_path=str(gguf),
         n_ctx=n_ctx,
         n_batch=n_ctx,
         n_ubatch=min(n_ctx, 512),
@@ -151,6 +184,10 @@ def llama_cpp_runner(text: Path, args: argparse.Namespace) -> Runner:
     add_bos = llm.metadata.get("tokenizer.ggml.add_bos_token", "true") == "true"
     content = text.read_text(encoding="utf-8").encode("utf-8")
     first = n_ctx // 2
+    # The residual's first suspect: do both tokenizers give the same ids? (HF: transformers'
+    # tokenizer built from the same GGUF, the one llmtool's export carries.)
+    hf_ids = load_tokenizer(resolve_spec("smollm2"))(content.decode("utf-8"))["input_ids"]
+    same_ids = hf_ids == llm.tokenize(content, add_bos=add_bos, special=False)
 
     def run(warmup: bool) -> Run:
         t = time.perf_counter()
@@ -172,6 +209,8 @@ def llama_cpp_runner(text: Path, args: argparse.Namespace) -> Runner:
             "windows": chunks,
             "perplexity": float(np.exp(scored.mean())),
             "tokenizer_tokens": len(ids),
+            "same_token_ids_as_transformers": same_ids,
+            "gguf": gguf.name,
         }
 
     return run
@@ -197,6 +236,27 @@ def summarize(runs: list[Run]) -> dict[str, Any]:
 PEERS = {"hf": "transformers", "llama-cpp": "llama.cpp"}
 
 
+def residuals(results: dict[str, Any]) -> dict[str, Any]:
+    """Relative perplexity differences under ``llama-cpp``: llmtool against llama.cpp."""
+    out: dict[str, Any] = {}
+    pairs = [
+        ("llmtool-fp32:llama-cpp", "llama.cpp-f32:llama-cpp"),
+        ("llmtool-fp32-fused:llama-cpp", "llama.cpp-f32:llama-cpp"),
+        ("llmtool-fp32:llama-cpp", "llama.cpp:llama-cpp"),
+        ("llmtool-fp32-fused:llama-cpp", "llama.cpp:llama-cpp"),
+        ("llmtool-int4:llama-cpp", "llama.cpp:llama-cpp"),
+        ("llama.cpp-f32:llama-cpp", "llama.cpp:llama-cpp"),
+    ]
+    for ours, theirs in pairs:
+        if ours in results and theirs in results:
+            a, b = results[ours], results[theirs]
+            out[f"{ours} vs {theirs}"] = {
+                "relative": a["perplexity"] / b["perplexity"] - 1,
+                "same_tokens_scored": a["tokens"] == b["tokens"],
+            }
+    return out
+
+
 def markdown(report: dict[str, Any]) -> str:
     """The results as a Markdown page (written next to the JSON)."""
     env, proto = report["environment"], report["protocol"]
@@ -211,8 +271,8 @@ def markdown(report: dict[str, Any]) -> str:
         "ratios of one run are what count).",
         "",
         "| protocol | engine | scored tok/s | vs peer | spread | tokens scored | windows "
-        "| perplexity |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| perplexity | run |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in report["results"].values():
         ratio = r.get("vs_peer")
@@ -225,11 +285,27 @@ def markdown(report: dict[str, Any]) -> str:
             f"{r['tokens']:,}",
             str(r["windows"]),
             f"{r['perplexity']:.4f}",
+            str(r.get("run", 1)),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     for name, err in report["errors"].items():
-        lines.append(f"| {name} | failed: {err[:120]} | | | | | | |")
+        lines.append(f"| {name} | failed: {err[:120]} | | | | | | | |")
+    res = report.get("residuals_llama_cpp", {})
+    if res:
+        lines += [
+            "",
+            "Perplexity residuals under `llama-cpp` (same chunks, same scored tokens):",
+            "",
+        ]
+        lines += [f"* {k}: {100 * v['relative']:+.4f}%" for k, v in res.items()]
     lines += ["", *report.get("notes", [])]
+    for i, extra in enumerate(report.get("more_runs", []), start=2):
+        e = extra["environment"]
+        lines.append(
+            f"Run {i} (the rows marked {i}; its own round robin, {extra['date']}): load average "
+            f"before {e['load_average_before']}, after {e['load_average_after']}; "
+            f"`python {extra['command'].split(' ', 1)[1]}`."
+        )
     versions = ", ".join(
         f"{k} {env[k]}"
         for k in ("torch", "transformers", "onnxruntime-gpu", "onnxruntime", "llama_cpp_python")
@@ -254,6 +330,7 @@ def markdown(report: dict[str, Any]) -> str:
 def prepare(args: argparse.Namespace, text: Path, report: dict[str, Any]) -> dict[str, Runner]:
     """Export (or reuse) the llmtool models and load every engine, one at a time."""
     from llmtool.export import export_model
+    from llmtool.models.loading import smollm2_path
 
     runners: dict[str, Runner] = {}
     for engine in args.engines.split(","):
@@ -268,7 +345,10 @@ def prepare(args: argparse.Namespace, text: Path, report: dict[str, Any]) -> dic
             elif engine == "transformers:hf":
                 runners[engine] = transformers_runner(text, args)
             elif engine == "llama.cpp:llama-cpp":
-                runners[engine] = llama_cpp_runner(text, args)
+                runners[engine] = llama_cpp_runner(text, args, smollm2_path())
+            elif engine == "llama.cpp-f32:llama-cpp":
+                gguf = f32_gguf(smollm2_path(), args.workdir / "smollm2-f32.gguf")
+                runners[engine] = llama_cpp_runner(text, args, gguf)
             else:
                 raise ValueError(f"unknown engine {engine}")
             runners[engine](True)  # warm-up: the first window
@@ -287,8 +367,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument(
         "--engines",
-        default="llmtool-fp32:hf,llmtool-int4:hf,transformers:hf,"
-        "llmtool-fp32:llama-cpp,llmtool-int4:llama-cpp,llama.cpp:llama-cpp",
+        default="llmtool-fp32:hf,llmtool-fp32-fused:hf,llmtool-int4:hf,transformers:hf,"
+        "llmtool-fp32-fused:llama-cpp,llmtool-int4:llama-cpp,llama.cpp:llama-cpp,"
+        "llama.cpp-f32:llama-cpp",
     )
     parser.add_argument(
         "--data", type=Path, default=ROOT.parent / "shared" / "data" / "wikitext-2-raw-test.txt"
@@ -299,6 +380,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=None, help="exports (made if missing)")
     parser.add_argument("--no-malloc-huge-pages", action="store_true")
+    parser.add_argument(
+        "--append", action="store_true", help="add these engines' results to an existing --out"
+    )
     args = parser.parse_args()
     if not args.no_malloc_huge_pages:
         from llmtool.hugepages import restart_with_huge_page_malloc
@@ -334,6 +418,8 @@ def main() -> None:
         "errors": {},
     }
     runners = prepare(args, text, report)
+    if "llama_cpp" in sys.modules:  # also when run from a build tree without package metadata
+        env.setdefault("llama_cpp_python", sys.modules["llama_cpp"].__version__)
     runs: dict[str, list[Run]] = {engine: [] for engine in runners}
     for repeat in range(args.repeats):
         log(f"timed round {repeat + 1} of {args.repeats}")
@@ -346,10 +432,21 @@ def main() -> None:
         name, protocol = engine.split(":")
         report["results"][engine] = {"engine": name, "protocol": protocol}
         report["results"][engine].update(summarize(engine_runs))
+    if args.append and args.out.is_file():
+        # Another group of engines, timed in its own round robin: kept beside the first run's.
+        first = json.loads(args.out.read_text())
+        for engine in report["results"]:
+            report["results"][engine]["run"] = len(first.get("more_runs", [])) + 2
+        first["results"].update(report["results"])
+        first["errors"].update(report["errors"])
+        extra = {k: report[k] for k in ("command", "date", "environment")}
+        first.setdefault("more_runs", []).append(extra)
+        report = first
     for entry in report["results"].values():
         peer = report["results"].get(f"{PEERS[entry['protocol']]}:{entry['protocol']}")
         if peer and peer is not entry:
             entry["vs_peer"] = entry["scored_tokens_per_s"] / peer["scored_tokens_per_s"]
+    report["residuals_llama_cpp"] = residuals(report["results"])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
     args.out.with_suffix(".md").write_text(markdown(report))
