@@ -24,7 +24,14 @@ engine. The load average is recorded before and after.
 The script starts itself again with glibc's malloc asking for huge pages, as ``llmtool eval``
 does, so every engine in it gets them.
 
+``llama.cpp-f32`` runs llama.cpp on an F32 copy of the same GGUF (every tensor de-quantized,
+metadata unchanged): the same weights as llmtool's fp32 export, so the perplexity residual
+between the two is the protocol's alone (``residuals_llama_cpp`` in the JSON).
+
 Usage: python benchmarks/eval_speed.py --out benchmarks/results/eval_speed.json
+(``--engines`` picks a group; ``--append`` adds a group's results, timed in their own round
+robin, to an existing ``--out``: the committed results are the ``hf`` and ``llama-cpp`` groups
+run one after the other.)
 """
 
 from __future__ import annotations
@@ -299,6 +306,7 @@ def markdown(report: dict[str, Any]) -> str:
         ]
         lines += [f"* {k}: {100 * v['relative']:+.4f}%" for k, v in res.items()]
     lines += ["", *report.get("notes", [])]
+    lines.append("")
     for i, extra in enumerate(report.get("more_runs", []), start=2):
         e = extra["environment"]
         lines.append(
