@@ -123,7 +123,7 @@ def demo(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
-    """CPU generation benchmark on SmolLM2 (GPU benchmarks run on a GPU machine; see benchmarks/README.md)."""
+    """CPU generation and perplexity-speed benchmarks on SmolLM2 (GPU ones: see benchmarks/README.md)."""
     install_project(session, "[dev]")
     session.install("llama-cpp-python")  # the peer; builds from source where no wheel exists
     session.run(
@@ -134,6 +134,10 @@ def bench(session: nox.Session) -> None:
         *session.posargs,
         env=ENV,
     )
+    # Perplexity speed: llmtool eval (fp32, int4) against transformers and llama.cpp.
+    session.run(
+        "python", "benchmarks/eval_speed.py", "--out", "benchmarks/results/eval_speed.json", env=ENV
+    )
 
 
 @nox.session
@@ -142,7 +146,8 @@ def crosscheck(session: nox.Session) -> None:
 
     Installs lm-eval 0.4.13 and llama-cpp-python, then runs the ``crosscheck`` tests (a tiny model
     through lm-eval; SmolLM2 through llama-cpp-python), which assert llmtool's figures within 1e-4
-    (1e-2 for llama.cpp's quantized arithmetic). Not part of the default sessions.
+    (1e-2 for llama.cpp's quantized arithmetic, 1e-4 against an F32 copy of the GGUF). Not part of
+    the default sessions; LLMTOOL_CROSSCHECK_ONNX=DIR reuses an fp32 export of smollm2.
     """
     install_project(session, "[dev,crosscheck]")
     session.run(

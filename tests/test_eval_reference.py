@@ -67,7 +67,7 @@ def test_nonfinite_logits_are_counted(tiny_llama_export, sample_text_file):
     clean = model.window_logits
     poisoned = []
 
-    def window_logits(ids: np.ndarray) -> np.ndarray:
+    def window_logits(ids: np.ndarray, reuse: bool = False) -> np.ndarray:
         logits = clean(ids).copy()
         logits[0, -2, :3] = [
             np.nan,

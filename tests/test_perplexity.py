@@ -117,3 +117,36 @@ def test_token_nll_matches_log_softmax():
     shifted = logits - logits.max(-1, keepdims=True)
     expected = -(shifted - np.log(np.exp(shifted).sum(-1, keepdims=True)))[np.arange(7), targets]
     np.testing.assert_allclose(token_nll(logits, targets), expected, rtol=1e-5)
+
+
+def test_token_nll_in_place_and_nonfinite_count():
+    """Scoring in place gives the same NLL; the fast non-finite count equals isfinite's."""
+    from llmtool.evaluate.metrics import count_nonfinite, token_nll
+
+    rng = np.random.default_rng(1)
+    logits = rng.normal(scale=5, size=(9, 64)).astype(np.float32)
+    targets = rng.integers(0, 64, size=9)
+    expected = token_nll(logits, targets)
+    scratch = logits.copy()
+    np.testing.assert_array_equal(token_nll(scratch, targets, overwrite=True), expected)
+    assert not np.array_equal(scratch, logits)  # the buffer was used
+    assert count_nonfinite(logits) == 0
+    for bad in (np.nan, np.inf, -np.inf):
+        poisoned = logits.copy()
+        poisoned[2, 3] = poisoned[5, 0] = bad
+        assert count_nonfinite(poisoned) == 2
+    assert count_nonfinite(np.zeros((0, 64), np.float32)) == 0
+
+
+def test_window_logits_into_a_reused_buffer(tiny_export):
+    """IO binding into the kept buffer gives the same logits as a plain run, in one buffer."""
+    from llmtool.runtime import OnnxCausalLM
+
+    model = OnnxCausalLM(tiny_export[1], "cpu")
+    ids = np.arange(3, 15, dtype=np.int64)[None, :]  # [1, 12]
+    plain = model.window_logits(ids)
+    reused = model.window_logits(ids, reuse=True)
+    np.testing.assert_array_equal(reused, plain)
+    again = model.window_logits(ids[:, :5], reuse=True)  # a shorter last window: a new buffer
+    np.testing.assert_allclose(again, plain[:, :5], rtol=1e-5, atol=1e-5)
+    assert model.window_logits(ids[:, :5], reuse=True) is again

@@ -1,6 +1,7 @@
 """The numbers of an evaluation, from logits and targets: pure numpy, no model, no tokenizer.
 
 * :func:`token_nll`: the negative log-likelihood of each scored token,
+* :func:`count_nonfinite`: NaN / ±Inf values among logits,
 * :func:`nll_summary`: mean NLL, perplexity, the standard error of the mean and an interval,
 * :class:`FidelityAccumulator`: a model against a reference on the same positions:
   KL(P_ref || P_model) in nats (mean, median, p99, max), top-1 agreement, non-finite logits,
@@ -34,13 +35,32 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
 
 
-def token_nll(logits: np.ndarray, targets: np.ndarray) -> np.ndarray:
-    """-log softmax(logits)[target] per row: logits [N, V], targets [N] -> [N] float64."""
+def token_nll(logits: np.ndarray, targets: np.ndarray, *, overwrite: bool = False) -> np.ndarray:
+    """-log softmax(logits)[target] per row: logits [N, V], targets [N] -> [N] float64.
+
+    Args:
+        logits: [N, V] scores (cast to float32).
+        targets: [N] token ids.
+        overwrite: Use ``logits`` as the scratch buffer (its values are lost): no [N, V]
+            temporary is allocated, which on a [512, 49152] window is most of the time.
+    """
     logits = logits.astype(np.float32, copy=False)
+    picked = logits[np.arange(len(targets)), targets].astype(np.float64)  # [N], before scratch
     # Log-sum-exp with the row maximum taken out: exp never overflows, the sum is in float64.
-    peak = logits.max(axis=-1, keepdims=True)
-    lse = np.log(np.exp(logits - peak).sum(axis=-1, dtype=np.float64)) + peak[:, 0]
-    return lse - logits[np.arange(len(targets)), targets]
+    peak = logits.max(axis=-1, keepdims=True)  # [N, 1]
+    work = logits if overwrite and logits.flags.writeable else np.empty_like(logits)
+    np.subtract(logits, peak, out=work)
+    np.exp(work, out=work)
+    lse = np.log(work.sum(axis=-1, dtype=np.float64)) + peak[:, 0]
+    return lse - picked
+
+
+def count_nonfinite(logits: np.ndarray) -> int:
+    """NaN and ±Inf values in ``logits``; two reductions when there are none (the usual case)."""
+    # NaN propagates through min and max, and ±Inf is the extreme: both finite means none.
+    if logits.size == 0 or (np.isfinite(logits.min()) and np.isfinite(logits.max())):
+        return 0
+    return int(logits.size - np.isfinite(logits).sum())
 
 
 def nll_summary(nll: np.ndarray, confidence: float = defaults.EVAL_CONFIDENCE) -> dict[str, Any]:

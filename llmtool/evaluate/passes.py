@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import UsageError
-from llmtool.evaluate.metrics import FidelityAccumulator, token_nll
+from llmtool.evaluate.metrics import FidelityAccumulator, count_nonfinite, token_nll
 from llmtool.evaluate.protocols import Pass, scored_logits
 
 
@@ -43,8 +43,10 @@ def score_pass(logits_fn: Any, reference: Any, p: Pass) -> PassScore:
     Raises:
         UsageError: The reference has another vocabulary size.
     """
+    # logits may be the model's reused output buffer: token_nll overwrites it, so it goes last.
     logits = scored_logits(logits_fn, p)  # [n, V]
-    piece = PassScore(token_nll(logits, p.targets), int(logits.size - np.isfinite(logits).sum()))
+    nonfinite = count_nonfinite(logits)
+    fidelity, ref_nll = None, None
     if reference is not None:
         ref_logits = scored_logits(reference.logits_fn, p)
         if ref_logits.shape[-1] != logits.shape[-1]:
@@ -52,10 +54,10 @@ def score_pass(logits_fn: Any, reference: Any, p: Pass) -> PassScore:
                 f"The reference has {ref_logits.shape[-1]} logits per token and the model {logits.shape[-1]}",
                 "compare models with the same vocabulary.",
             )
-        piece.fidelity = FidelityAccumulator()
-        piece.fidelity.add(logits, ref_logits, p.targets)
-        piece.ref_nll = token_nll(ref_logits, p.targets)
-    return piece
+        fidelity = FidelityAccumulator()
+        fidelity.add(logits, ref_logits, p.targets)
+        ref_nll = token_nll(ref_logits, p.targets, overwrite=True)
+    return PassScore(token_nll(logits, p.targets, overwrite=True), nonfinite, ref_nll, fidelity)
 
 
 def add_pass(scores: Any, document: int, piece: PassScore) -> None:

@@ -13,6 +13,7 @@ Stages: :func:`prepare` (corpus, model, protocol, token ids, reference, passes),
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections.abc import Callable
@@ -149,8 +150,7 @@ class Plan:
         protocol: The protocol, with its settings and special tokens.
         passes: ``(document index, pass)`` for every forward pass, in document order.
         reference: The model compared with, if any.
-        truncated: ``max_tokens`` left passes out (per-word and per-byte figures are then not
-            reported: the words of a partly scored document are not known).
+        truncated: ``max_tokens`` left passes out (so no per-word or per-byte figures).
     """
 
     model: OnnxCausalLM
@@ -227,12 +227,13 @@ def score(plan: Plan, on_window: Callable[[int, int], None] | None = None) -> Sc
         UsageError: The reference has another vocabulary size.
     """
     reference = plan.reference
-    scores = Scores([[] for _ in plan.corpus.documents], 0, 0.0)
-    if reference is not None:
-        scores.fidelity = FidelityAccumulator()
+    fidelity = FidelityAccumulator() if reference is not None else None
+    scores = Scores([[] for _ in plan.corpus.documents], 0, 0.0, fidelity)
+    # Every pass's logits land in one reused buffer and are scored in place (no [n, V] copies).
+    window = functools.partial(plan.model.window_logits, reuse=True)
     start = time.perf_counter()
     for i, (d, p) in enumerate(plan.passes):
-        add_pass(scores, d, score_pass(plan.model.window_logits, reference, p))
+        add_pass(scores, d, score_pass(window, reference, p))
         if on_window is not None:
             on_window(i + 1, len(plan.passes))
     scores.seconds = time.perf_counter() - start
