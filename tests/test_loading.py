@@ -122,42 +122,44 @@ def test_generating_from_an_export_never_imports_torch(tiny_export):
 
 
 @pytest.fixture(scope="module")
-def tiny_opt_dir(tokenizer, tmp_path_factory):
-    """A tiny random OPT (a type the export registry does not build) with the shared tokenizer."""
+def tiny_unsupported_dir(tokenizer, tmp_path_factory):
+    """A tiny random GPT-Neo (a type the export registry does not build) with the shared tokenizer."""
     import torch
-    from transformers import OPTConfig, OPTForCausalLM
+    from transformers import GPTNeoConfig, GPTNeoForCausalLM
 
     torch.manual_seed(0)
-    config = OPTConfig(
+    config = GPTNeoConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        word_embed_proj_dim=32,
-        ffn_dim=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
+        intermediate_size=64,
+        num_layers=1,
+        num_heads=2,
+        attention_types=[[["global"], 1]],
         max_position_embeddings=128,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
     )
-    path = tmp_path_factory.mktemp("hf-opt")
-    OPTForCausalLM(config).eval().save_pretrained(path)
+    path = tmp_path_factory.mktemp("hf-gpt-neo")
+    GPTNeoForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
-def test_loading_accepts_a_type_export_cannot_build(tiny_opt_dir):
+def test_loading_accepts_a_type_export_cannot_build(tiny_unsupported_dir):
     import torch
-    from transformers import OPTForCausalLM
+    from transformers import GPTNeoForCausalLM
 
     from llmtool.export.registry import supported_model_types
     from llmtool.models.loading import load_model
 
-    loaded = load_model(str(tiny_opt_dir))
-    assert loaded.config.model_type == "opt" and "opt" not in supported_model_types()
+    loaded = load_model(str(tiny_unsupported_dir))
+    assert loaded.config.model_type == "gpt_neo" and "gpt_neo" not in supported_model_types()
     ids = torch.tensor([[5, 6, 7, 8]])
     # transformers' own load, with the attention llmtool asks for.
-    direct = OPTForCausalLM.from_pretrained(tiny_opt_dir, attn_implementation="eager").eval()
+    direct = GPTNeoForCausalLM.from_pretrained(
+        tiny_unsupported_dir, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         expected = direct(input_ids=ids).logits
         got = loaded.model(input_ids=ids).logits
@@ -165,7 +167,7 @@ def test_loading_accepts_a_type_export_cannot_build(tiny_opt_dir):
 
 
 def test_export_refuses_it_and_eval_takes_it_as_reference(
-    tiny_opt_dir, tiny_llama_export, tmp_path
+    tiny_unsupported_dir, tiny_llama_export, tmp_path
 ):
     import json
 
@@ -175,12 +177,16 @@ def test_export_refuses_it_and_eval_takes_it_as_reference(
     from llmtool.cli import app
 
     runner = CliRunner()
-    refused = runner.invoke(app, ["export", str(tiny_opt_dir), "--out", str(tmp_path / "o")])
-    assert refused.exit_code == 2 and "'opt' is not supported" in " ".join(refused.stderr.split())
+    refused = runner.invoke(
+        app, ["export", str(tiny_unsupported_dir), "--out", str(tmp_path / "o")]
+    )
+    assert refused.exit_code == 2 and "'gpt_neo' is not supported" in " ".join(
+        refused.stderr.split()
+    )
     assert not (tmp_path / "o").exists()
     args = [
         "eval", tiny_llama_export[1], "--data", SAMPLE_TEXT, "--max-length", "32",
-        "--provider", "cpu", "--reference", tiny_opt_dir, "--throughput", "--batch-sizes", "1",
+        "--provider", "cpu", "--reference", tiny_unsupported_dir, "--throughput", "--batch-sizes", "1",
         "--prompt-lengths", "4", "--new-tokens", "2", "--warmup", "0", "--repeats", "1",
         "--backend", "pytorch", "--threads", "1", "--json", tmp_path / "r.json",
     ]  # fmt: skip
@@ -188,7 +194,7 @@ def test_export_refuses_it_and_eval_takes_it_as_reference(
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "r.json").read_text())
     reference = record["reference"]
-    # A random OPT and a random Llama disagree, but both are scored on the same tokens.
+    # A random GPT-Neo and a random Llama disagree, but both are scored on the same tokens.
     assert reference["tokens"] == record["tokens"] and reference["perplexity"] > 1
     assert reference["top1_agreement"] < 1.0
     assert any(key.startswith("throughput.pytorch.") for key in record["metrics"])
