@@ -71,15 +71,26 @@ def test_memory_not_yet_touched_is_not_committed():
     assert not resident(reserved.ctypes.data + reserved.nbytes // 2)
 
 
-def test_older_memory_is_left_alone():
+def test_older_memory_is_left_alone(monkeypatch):
     needs_huge_pages()
-    older, middle = plain_buffer(64 * MB)
-    # Whether the kernel puts this mapping on huge pages by itself (THP "always", DAMON's
-    # collapse, a merge with a neighbour that is) is not ours to test, and smaps only says it per
-    # mapping: what must not happen is llmtool counting or collapsing memory it did not allocate.
+    older, _ = plain_buffer(64 * MB)
+    start = np.frombuffer(older, np.uint8).ctypes.data
+    collapsed: set[int] = set()
+    real_collapse = hugepages.collapse
+
+    def recording(chunks: set[int]) -> tuple[int, str | None]:
+        collapsed.update(chunks)
+        return real_collapse(chunks)
+
+    monkeypatch.setattr(hugepages, "collapse", recording)
+    # The interpreter may fault in a fresh heap chunk of its own inside the block (seen in CI: one
+    # 2 MB chunk), and that is new memory; what must not happen is llmtool collapsing a chunk of
+    # the buffer that was already resident before the block. (Whether the kernel puts that buffer
+    # on huge pages by itself is not ours to test: smaps only says it per mapping.)
     with huge_pages_for() as result:
         pass
-    assert result.candidate_bytes == 0 and result.collapsed_bytes == 0 and older and middle
+    assert not {c for c in collapsed if start - HUGE < c < start + len(older)}
+    assert result.candidate_bytes < len(older) // 2 and older
 
 
 def test_turned_off_does_nothing(monkeypatch):
