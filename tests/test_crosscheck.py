@@ -1,7 +1,7 @@
 """llmtool's protocols against the tools they are named after, run for real (``nox -s crosscheck``).
 
 * lm-evaluation-harness (``lm-eval``): its HF model's ``loglikelihood_rolling`` on the same model
-  and documents, its wikitext task's own detokenizer and word/byte counts; llmtool's
+  (a tiny random Llama, and SmolLM2-135M) and documents, its wikitext task's own detokenizer and word/byte counts; llmtool's
   ``--protocol lm-eval --preprocess wikitext`` must give the same figures within 1e-4.
 * llama.cpp (``llama-cpp-python``): llama-perplexity's procedure on the SmolLM2 GGUF; llmtool's
   ``--protocol llama-cpp`` on the export of the same GGUF within 1e-2 (llama.cpp's quantized
@@ -49,22 +49,35 @@ def test_wikitext_detokenizer_equals_lm_evals():
 
 
 def test_lm_eval_wikitext_figures(tiny_llama_export, tmp_path):
-    """lm-eval's rolling loglikelihood and word perplexity on the same model and pages."""
+    """lm-eval's rolling loglikelihood and word perplexity on the same tiny model and pages."""
     pytest.importorskip("lm_eval")
+    from conftest import load_hf
+
+    hf_dir, onnx_dir = tiny_llama_export
+    check_lm_eval_figures(load_hf(hf_dir), onnx_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_lm_eval_wikitext_figures_on_smollm2(smollm2_export, tmp_path):
+    """The same on the real SmolLM2-135M: its PyTorch model in lm-eval, its export in llmtool."""
+    pytest.importorskip("lm_eval")
+    from llmtool.models.loading import load_model
+
+    check_lm_eval_figures(load_model("smollm2"), smollm2_export.out, tmp_path)
+
+
+def check_lm_eval_figures(loaded, onnx_dir, tmp_path) -> None:
+    """lm-eval's figures on ``loaded`` (HFLM) equal llmtool's ``--protocol lm-eval
+    --preprocess wikitext`` on ``onnx_dir``, within 1e-4."""
     import json
 
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks.wikitext.preprocess_wikitext import process_results, wikitext_detokenizer
 
-    from conftest import load_hf
-
-    hf_dir, onnx_dir = tiny_llama_export
     pages = [p[:3000] for p in wikitext_pages(3)]
     data = tmp_path / "pages.jsonl"
     data.write_text("".join(json.dumps({"text": p}) + "\n" for p in pages), encoding="utf-8")
-
-    loaded = load_hf(hf_dir)
     lm = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=1, device="cpu")
     requests = [
         Instance("loglikelihood_rolling", {"page": p}, (wikitext_detokenizer({"page": p}),), i)
@@ -78,7 +91,7 @@ def test_lm_eval_wikitext_figures(tiny_llama_export, tmp_path):
     words = sum(r["word_perplexity"][1] for r in results)
     n_bytes = sum(r["byte_perplexity"][1] for r in results)
 
-    # Defaults: lm-eval's window is the model's context (256 here), as llmtool's now is.
+    # Defaults: lm-eval's window is the model's context, as llmtool's now is.
     r = evaluate_perplexity(
         onnx_dir, data, protocol="lm-eval", preprocess="wikitext", provider="cpu"
     )
