@@ -8,7 +8,6 @@ a recurrent state.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -18,11 +17,12 @@ from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.manifest import CacheSpec, verify_files
 from llmtool.runtime.decoders import Decoder, FusedDecoder, StandardDecoder, empty_cache
+from llmtool.runtime.files import ExportFiles
 from llmtool.runtime.foreign import read_contract
 from llmtool.runtime.session import SessionOptions, create_session
 
 
-class OnnxCausalLM:
+class OnnxCausalLM(ExportFiles):
     """An llmtool export loaded into an ONNX Runtime session.
 
     Args:
@@ -111,24 +111,6 @@ class OnnxCausalLM:
         if key not in self._decoders:
             self._decoders[key] = FusedDecoder(self, batch, max_length)
         return self._decoders[key]
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer saved beside the ONNX graph (loaded on first use)."""
-        if self._tokenizer is None:
-            from llmtool.models.loading import ModelSpec, load_tokenizer
-
-            self._tokenizer = load_tokenizer(
-                ModelSpec("hf_dir", self.directory, None, str(self.directory))
-            )
-        return self._tokenizer
-
-    @property
-    def generation_config(self) -> dict[str, Any]:
-        path = self.directory / "generation_config.json"
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-        return {}
 
     def eos_token_ids(self) -> list[int]:
         """EOS ids as transformers' generate would use them (generation config, then tokenizer)."""

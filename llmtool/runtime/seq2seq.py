@@ -23,6 +23,7 @@ from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.manifest import CacheSpec, Manifest, verify_files
 from llmtool.runtime.decoders import Decoder, Step, pad_rows
+from llmtool.runtime.files import ExportFiles
 from llmtool.runtime.session import SessionOptions, create_session
 
 SEQ2SEQ_KIND = "seq2seq"
@@ -37,7 +38,7 @@ def is_seq2seq_export(directory: str | Path) -> bool:
         return False
 
 
-class OnnxSeq2Seq:
+class OnnxSeq2Seq(ExportFiles):
     """An llmtool encoder-decoder export in two ONNX Runtime sessions.
 
     Args:
@@ -90,24 +91,6 @@ class OnnxSeq2Seq:
         self.hidden_size = int(self.manifest["hidden_size"])
         self.decoder_start_token_id = int(self.manifest["decoder_start_token_id"])
         self._tokenizer: Any = None
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer saved beside the graphs (loaded on first use)."""
-        if self._tokenizer is None:
-            from llmtool.models.loading import ModelSpec, load_tokenizer
-
-            self._tokenizer = load_tokenizer(
-                ModelSpec("hf_dir", self.directory, None, str(self.directory))
-            )
-        return self._tokenizer
-
-    @property
-    def generation_config(self) -> dict[str, Any]:
-        path = self.directory / "generation_config.json"
-        if path.is_file():
-            return dict(json.loads(path.read_text(encoding="utf-8")))
-        return {}
 
     def eos_token_ids(self) -> list[int]:
         """EOS ids as transformers' generate would use them (generation config, then tokenizer)."""
