@@ -20,15 +20,14 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from llmtool import defaults
 from llmtool.errors import ValidationError
-from llmtool.export.request import ExportRequest, check_request
+from llmtool.export.request import ExportRequest, check_request, timed
 
 if TYPE_CHECKING:
     from llmtool.export.contract import BuiltGraph
@@ -220,13 +219,6 @@ def check_quantized(
         )
 
 
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    seconds[name] = time.perf_counter() - start
-
-
 def export_model(
     model: str | Path,
     out: str | Path,
@@ -305,23 +297,23 @@ def export_model(
     )
     seconds: dict[str, float] = {}
     stage(f"Loading {request.spec.display}")
-    with _timed(seconds, "load"):
+    with timed(seconds, "load"):
         loaded = load_model(request.spec, allow_pickle=allow_pickle)
     stage("Building the ONNX graph")
-    with _timed(seconds, "build"):
+    with timed(seconds, "build"):
         built = build_onnx(request, loaded)
     with atomic_directory(request.out, force=force) as tmp:
         stage("Writing files")
-        with _timed(seconds, "save"):
+        with timed(seconds, "save"):
             manifest = write_files(tmp, request, loaded, built)
         del built  # the graph's weights: freed before ONNX Runtime loads its own copy
         _trim_heap()
         stage("Validating ONNX Runtime (CPU) against PyTorch")
-        with _timed(seconds, "validate"):
+        with timed(seconds, "validate"):
             session = validate_against_pytorch(tmp, request, loaded, manifest)
         if quantize:
             stage(f"Measuring the {quantize} export's fidelity to fp32")
-            with _timed(seconds, "quantize"):
+            with timed(seconds, "quantize"):
                 check_quantized(session, request, loaded, manifest)
         del session
         write_manifest(tmp, manifest)

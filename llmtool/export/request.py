@@ -1,7 +1,11 @@
-"""Stage 1 of ``llmtool export``: every option and the architecture checked before loading."""
+"""Stage 1 of ``llmtool export`` (every option and the architecture checked before loading),
+and the stage timer every export pipeline (decoder-only and encoder-decoder) shares."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -16,6 +20,14 @@ if TYPE_CHECKING:
 DTYPES = ("fp32", "fp16")
 MIN_OPSET = 17
 MAX_OPSET = 21
+
+
+@contextlib.contextmanager
+def timed(seconds: dict[str, float], name: str) -> Iterator[None]:
+    """Record the block's wall time in ``seconds[name]`` (an export's per-stage timings)."""
+    start = time.perf_counter()
+    yield
+    seconds[name] = time.perf_counter() - start
 
 
 def _check_options(dtype: str, opset: int) -> None:

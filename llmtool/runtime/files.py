@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from llmtool.errors import UsageError
+
 
 class ExportFiles:
     """The tokenizer and generation config saved in an export directory.
@@ -16,6 +18,15 @@ class ExportFiles:
 
     directory: Path
     _tokenizer: Any = None
+
+    def _open_directory(self, directory: str | Path) -> None:
+        """Set ``directory``, refusing one that does not exist (exit 2, with what to do)."""
+        self.directory = Path(directory)
+        if not self.directory.is_dir():
+            raise UsageError(
+                f"Export directory {self.directory} does not exist",
+                "create it with `llmtool export MODEL --out DIR`.",
+            )
 
     @property
     def tokenizer(self) -> Any:

@@ -48,12 +48,7 @@ class OnnxCausalLM(ExportFiles):
         verify: bool = True,
         options: SessionOptions | None = None,
     ) -> None:
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise UsageError(
-                f"Export directory {self.directory} does not exist",
-                "create it with `llmtool export MODEL --out DIR`.",
-            )
+        self._open_directory(directory)
         # llmtool.json, or the contract inferred from an Optimum / onnxruntime-genai export.
         self.contract = read_contract(self.directory)
         self.manifest = self.contract.raw  # the file as read, for reports and eval records

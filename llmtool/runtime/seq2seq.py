@@ -63,16 +63,14 @@ class OnnxSeq2Seq(ExportFiles):
         verify: bool = True,
         options: SessionOptions | None = None,
     ) -> None:
-        self.directory = Path(directory)
-        if not self.directory.is_dir():
-            raise UsageError(
-                f"Export directory {self.directory} does not exist",
-                "create it with `llmtool export MODEL --out DIR`.",
-            )
+        self._open_directory(directory)
         self.contract = Manifest.read(self.directory)
         self.manifest = self.contract.raw
         if self.manifest.get("kind") != SEQ2SEQ_KIND:
-            raise UsageError(f"{self.directory} is not an encoder-decoder export")
+            raise UsageError(
+                f"{self.directory} is not an encoder-decoder export",
+                "load it with llmtool.runtime.OnnxCausalLM (the CLI picks it itself).",
+            )
         verify_files(self.directory, self.manifest, hashes=verify)
         self.options = options or SessionOptions()
         graphs = self.manifest["graphs"]

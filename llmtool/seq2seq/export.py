@@ -14,18 +14,15 @@ runtime reads: ``hidden_size``, ``decoder_start_token_id``, ``max_source_positio
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from llmtool import defaults
 from llmtool.errors import UsageError, ValidationError
-
-OPSETS = range(17, 22)
+from llmtool.export.request import MAX_OPSET, MIN_OPSET, timed
 
 
 @dataclass
@@ -78,17 +75,10 @@ def check_seq2seq_options(dtype: str, opset: int, fused: bool, quantize: str | N
             "--quantize is not available for encoder-decoder models yet",
             "export without --quantize.",
         )
-    if opset not in OPSETS:
+    if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(
-            f"Opset {opset} is not supported", f"use an opset from {OPSETS[0]} to {OPSETS[-1]}."
+            f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}."
         )
-
-
-@contextlib.contextmanager
-def _timed(seconds: dict[str, float], name: str) -> Iterator[None]:
-    start = time.perf_counter()
-    yield
-    seconds[name] = time.perf_counter() - start
 
 
 def _manifest(tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int) -> dict[str, Any]:
@@ -179,7 +169,7 @@ def export_seq2seq(
     check_seq2seq_supported(read_config(spec))
     seconds: dict[str, float] = {}
     stage(f"Loading {spec.display}")
-    with _timed(seconds, "load"):
+    with timed(seconds, "load"):
         loaded = load_seq2seq(spec, allow_pickle=allow_pickle)
     weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
     if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD:
@@ -190,7 +180,7 @@ def export_seq2seq(
         )
     with atomic_directory(out, force=force) as tmp:
         stage("Tracing the encoder and decoder graphs")
-        with _timed(seconds, "build"):
+        with timed(seconds, "build"):
             graphs = export_seq2seq_graphs(loaded.model, tmp, opset)
             loaded.config.save_pretrained(tmp)
             loaded.generation_config.save_pretrained(tmp)
@@ -198,7 +188,7 @@ def export_seq2seq(
             manifest = _manifest(tmp, loaded, graphs, opset)
             write_manifest(tmp, manifest)
         stage("Validating ONNX Runtime (CPU) against PyTorch")
-        with _timed(seconds, "validate"):
+        with timed(seconds, "validate"):
             session = OnnxSeq2Seq(tmp, "cpu", verify=False)
             report = validate_seq2seq(session, loaded.model, loaded.tokenizer)
             del session
