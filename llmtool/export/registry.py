@@ -8,7 +8,11 @@ one-line note. Adding a transformer family is an extractor in :mod:`llmtool.expo
     "phi3": decoder(extract_phi3, "Llama with fused qkv and gate_up projections"),
 
 Loading (:mod:`llmtool.models.loading`) accepts any causal LM; only export consults this table,
-through :func:`check_supported` (before the weights are loaded) and :func:`build_graph`.
+through :func:`check_supported` (before the weights are loaded) and :func:`build_graph`. A
+``model_type`` not in the table, for which transformers has a causal LM, takes :data:`GENERIC`:
+the standard graph traced by ``torch.onnx.export(dynamo=True)`` (:mod:`llmtool.export.generic`).
+The manifest's ``builder`` says which path built a graph (``hand-built`` or
+``torch.onnx.dynamo``).
 """
 
 from __future__ import annotations
@@ -44,6 +48,9 @@ from llmtool.export.extractors import (
     extract_starcoder2,
 )
 from llmtool.export.fused import build_fused
+from llmtool.export.generic import BUILDER as GENERIC_BUILDER
+from llmtool.export.generic import NO_FUSED as GENERIC_NO_FUSED
+from llmtool.export.generic import build_generic, check_generic, has_causal_lm
 from llmtool.export.recurrent import build_recurrent_graph
 from llmtool.export.transformer import build_decoder
 from llmtool.export.weights import DecoderWeights
@@ -156,6 +163,26 @@ ARCHITECTURES: dict[str, Architecture] = {
 }
 
 
+# Any other transformers causal LM: traced by torch.onnx's dynamo exporter, standard graph only.
+GENERIC = Architecture(
+    "Any other transformers causal LM with a KV cache: traced by torch.onnx (dynamo), fp32",
+    build_generic,
+    no_fused=GENERIC_NO_FUSED,
+)
+HAND_BUILT = "hand-built"
+
+
+def architecture(model_type: Any) -> Architecture | None:
+    """The registry entry for ``model_type``: its own, :data:`GENERIC` when transformers has a
+    causal LM for it, else None."""
+    if not isinstance(model_type, str):
+        return None
+    entry = ARCHITECTURES.get(model_type)
+    if entry is None and has_causal_lm(model_type):
+        return GENERIC
+    return entry
+
+
 def supported_model_types() -> list[str]:
     """The ``config.model_type`` values export accepts, sorted."""
     return sorted(ARCHITECTURES)
@@ -171,25 +198,31 @@ def quantizable_model_types() -> list[str]:
     return sorted(t for t, a in ARCHITECTURES.items() if a.quantizable)
 
 
-def check_supported(config: Any, *, fused: bool = False, quantize: str | None = None) -> None:
+def check_supported(
+    config: Any, *, fused: bool = False, quantize: str | None = None, dtype: str = "fp32"
+) -> None:
     """Refuse a model export cannot build, from its config alone (before loading weights).
 
     Args:
         config: The model's transformers config (its ``model_type`` is looked up).
         fused: The fused graph is asked for.
         quantize: A quantization mode is asked for (``int8`` / ``int4``), or None.
+        dtype: The export dtype (the generic path exports fp32 only).
 
     Raises:
         UsageError: The architecture, or the variant asked for, is not supported; the message
             names those that are.
     """
     model_type = getattr(config, "model_type", None)
-    entry = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    entry = architecture(model_type)
     if entry is None:
         raise UsageError(
-            f"Architecture '{model_type}' is not supported",
-            f"llmtool exports {', '.join(supported_model_types())}.",
+            f"Architecture '{model_type}' is not supported (transformers has no causal LM for it)",
+            f"llmtool exports {', '.join(supported_model_types())}, and other transformers "
+            "causal LMs through torch.onnx.",
         )
+    if entry is GENERIC:
+        check_generic(config, dtype=dtype)
     if fused and entry.build_fused is None:
         raise UsageError(
             f"--fused is not available for '{model_type}' ({entry.no_fused})",
@@ -233,9 +266,14 @@ def build_graph(
         UsageError: The architecture or the variant asked for is not supported.
     """
     options = options or GraphOptions()
-    check_supported(model.config, fused=options.fused, quantize=options.weights.quantize)
-    entry = ARCHITECTURES[model.config.model_type]
+    check_supported(
+        model.config, fused=options.fused, quantize=options.weights.quantize, dtype=dtype
+    )
+    entry = architecture(model.config.model_type)
+    assert entry is not None  # check_supported refused an unknown type
     source = model if entry.extract is None else entry.extract(model)
     build = entry.build_fused if options.fused else entry.build
     assert build is not None  # check_supported refused a missing fused builder
-    return build(source, dtype, opset, options.weights)
+    built = build(source, dtype, opset, options.weights)
+    built.meta.setdefault("builder", GENERIC_BUILDER if entry is GENERIC else HAND_BUILT)
+    return built

@@ -109,7 +109,7 @@ def check_request(
         )
     check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
     # Loading accepts any causal LM; export refuses what it cannot build before reading weights.
-    check_supported(read_config(spec), fused=fused, quantize=quantize)
+    check_supported(read_config(spec), fused=fused, quantize=quantize, dtype=dtype)
     weights = WeightFormat(
         quantize=quantize,
         block_size=block_size,
