@@ -63,8 +63,11 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
     weights = manifest["dtype"]
     if "quantization" in manifest:
         weights += f" → {manifest['quantization']['mode']} weights"
+    # Which path built the graph: an extractor's hand-built graph, or torch.onnx's trace.
+    builder = manifest.get("builder", "hand-built")
     table.caption = Text(
-        f"{manifest['parameters'] / 1e6:.1f}M parameters · {weights} · opset {manifest['opset']} · "
+        f"{manifest['parameters'] / 1e6:.1f}M parameters · {weights} · {builder} graph · "
+        f"opset {manifest.get('graph_opset', manifest['opset'])} · "
         f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} {v.get('padding', 'left')}-padded"
     )
     return table

@@ -9,6 +9,7 @@ tokens at batch 1 and batch 2 left-padded, and sliding-window perplexity equals 
 from __future__ import annotations
 
 import importlib
+import json
 import subprocess
 import sys
 from typing import Any
@@ -91,6 +92,14 @@ def generic_tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("generic")
 
 
+def save_family(name: str, tokenizer, root) -> Any:
+    hf = root / f"hf-{name}"
+    if not hf.exists():
+        build_generic_family(name, len(tokenizer)).save_pretrained(hf)
+        tokenizer.save_pretrained(hf)
+    return hf
+
+
 @pytest.fixture(
     scope="module",
     params=[
@@ -99,16 +108,32 @@ def generic_tmp(tmp_path_factory):
     ],
 )
 def generic_export(request, tokenizer, generic_tmp):
-    """(family, hf dir, export dir, ExportResult)."""
-    from llmtool.export import export_model
+    """(family, hf dir, export dir, manifest) from ``llmtool export --json``.
+
+    The default run's family goes through CliRunner (the dynamo trace alone takes ~8 s); the
+    ``families`` run exports through a real ``llmtool export`` process.
+    """
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
 
     name = request.param
-    hf = generic_tmp / f"hf-{name}"
-    model = build_generic_family(name, len(tokenizer))
-    model.save_pretrained(hf)
-    tokenizer.save_pretrained(hf)
-    result = export_model(hf, generic_tmp / f"onnx-{name}")
-    return name, hf, generic_tmp / f"onnx-{name}", result
+    hf = save_family(name, tokenizer, generic_tmp)
+    out = generic_tmp / f"onnx-{name}"
+    args = ["export", str(hf), "--out", str(out), "--json"]
+    if name in DEFAULT_RUN:
+        done = CliRunner().invoke(app, args)
+        assert done.exit_code == 0, done.output
+        return name, hf, out, json.loads(done.stdout)
+    process = subprocess.run(
+        [sys.executable, "-m", "llmtool", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert process.returncode == 0, process.stderr[-3000:]
+    return name, hf, out, json.loads(process.stdout)
 
 
 def test_families_have_no_extractor():
@@ -123,14 +148,14 @@ def test_families_have_no_extractor():
 def test_validation_passes_and_manifest_names_the_builder(generic_export):
     from llmtool.manifest import read_manifest
 
-    name, _, out, result = generic_export
-    v = result.validation
+    name, _, out, manifest = generic_export
+    v = manifest["validation"]
     assert v["passed"] and v["gate"], (name, v)
     assert v["prefill_max_abs_diff"] < 1e-4 and v["decode_max_abs_diff"] < 1e-4
-    assert result.manifest["builder"] == "torch.onnx.dynamo"
+    assert manifest["builder"] == "torch.onnx.dynamo"
     if name == "gpt_neo":  # the long check crossed the local layer's window
         assert v["long_tokens"] > GENERIC_FAMILIES[name][2]["window_size"]
-    assert result.manifest["model_type"] == name and result.manifest["layout"] == "standard"
+    assert manifest["model_type"] == name and manifest["layout"] == "standard"
     assert read_manifest(out)["builder"] == "torch.onnx.dynamo"  # as written to llmtool.json
 
 
@@ -157,3 +182,70 @@ def test_perplexity_equals_transformers(generic_export, sample_text_file, tmp_pa
     result = evaluate_perplexity(out, path, max_length=48, stride=24, provider="cpu")
     assert result.tokens == tokens
     assert result.perplexity == pytest.approx(expected, rel=1e-4)
+
+
+def test_fused_and_fp16_are_refused_before_loading(tokenizer, generic_tmp):
+    """No fused graph without an extractor, and the trace is fp32: exit 2, nothing written."""
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    hf = save_family("gpt_neo", tokenizer, generic_tmp)
+    for extra, reason in (
+        (["--fused"], "--fused is not available for 'gpt_neo' (no extractor"),
+        (["--dtype", "fp16"], "'gpt_neo' takes the generic torch.onnx path, which exports fp32"),
+    ):
+        out = generic_tmp / "refused"
+        refused = CliRunner().invoke(app, ["export", str(hf), "--out", str(out), *extra])
+        assert refused.exit_code == 2 and reason in " ".join(refused.stderr.split())
+        assert not out.exists()
+
+
+@pytest.mark.families
+def test_int4_export_is_gated_on_fidelity(tokenizer, generic_tmp):
+    """``--quantize int4``: ORT's MatMulNBits quantizer over the traced graph, gated on its
+    fidelity to fp32 like every quantized export; the table names the builder."""
+    import onnx
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    hf = save_family("gpt_neo", tokenizer, generic_tmp)
+    out = generic_tmp / "neo-int4"
+    done = CliRunner().invoke(app, ["export", str(hf), "--out", str(out), "--quantize", "int4"])
+    assert done.exit_code == 0, done.output
+    text = " ".join(done.stdout.split())
+    assert "torch.onnx.dynamo graph" in text and "int4 weights" in text
+    manifest = json.loads((out / "llmtool.json").read_text(encoding="utf-8"))
+    assert manifest["fidelity"]["passed"] and manifest["quantization"]["mode"] == "int4"
+    ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
+    assert ops.count("MatMulNBits") >= 4 * 2  # q/k/v/out of each layer at least
+
+
+@pytest.mark.families
+def test_exporter_failure_is_refused_with_the_type_and_reason(tokenizer, tmp_path):
+    """OLMoE's grouped expert matmul has no ONNX lowering: exit 2, the type and reason named."""
+    import torch
+    from transformers import OlmoeConfig, OlmoeForCausalLM
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    torch.manual_seed(0)
+    config = OlmoeConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_experts=4,
+        num_experts_per_tok=2,
+        max_position_embeddings=64,
+    )
+    OlmoeForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
+    tokenizer.save_pretrained(tmp_path / "hf")
+    refused = CliRunner().invoke(app, ["export", str(tmp_path / "hf"), "--out", str(tmp_path / "o")])
+    message = " ".join(refused.stderr.split())
+    assert refused.exit_code == 2, refused.output
+    assert "torch.onnx (dynamo) cannot export 'olmoe'" in message and "Traceback" not in message
+    assert not (tmp_path / "o").exists()

@@ -123,41 +123,39 @@ def test_generating_from_an_export_never_imports_torch(tiny_export):
 
 @pytest.fixture(scope="module")
 def tiny_unsupported_dir(tokenizer, tmp_path_factory):
-    """A tiny random GPT-Neo (a type the export registry does not build) with the shared tokenizer."""
+    """A tiny random Mamba (a causal LM with no key/value cache: neither the registry nor the
+    generic torch.onnx path builds it) with the shared tokenizer."""
     import torch
-    from transformers import GPTNeoConfig, GPTNeoForCausalLM
+    from transformers import MambaConfig, MambaForCausalLM
 
     torch.manual_seed(0)
-    config = GPTNeoConfig(
+    config = MambaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        intermediate_size=64,
-        num_layers=1,
-        num_heads=2,
-        attention_types=[[["global"], 1]],
-        max_position_embeddings=128,
+        state_size=4,
+        num_hidden_layers=1,
         bos_token_id=0,
         eos_token_id=0,
         pad_token_id=0,
     )
-    path = tmp_path_factory.mktemp("hf-gpt-neo")
-    GPTNeoForCausalLM(config).eval().save_pretrained(path)
+    path = tmp_path_factory.mktemp("hf-mamba")
+    MambaForCausalLM(config).eval().save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
 
 
 def test_loading_accepts_a_type_export_cannot_build(tiny_unsupported_dir):
     import torch
-    from transformers import GPTNeoForCausalLM
+    from transformers import MambaForCausalLM
 
     from llmtool.export.registry import supported_model_types
     from llmtool.models.loading import load_model
 
     loaded = load_model(str(tiny_unsupported_dir))
-    assert loaded.config.model_type == "gpt_neo" and "gpt_neo" not in supported_model_types()
+    assert loaded.config.model_type == "mamba" and "mamba" not in supported_model_types()
     ids = torch.tensor([[5, 6, 7, 8]])
     # transformers' own load, with the attention llmtool asks for.
-    direct = GPTNeoForCausalLM.from_pretrained(
+    direct = MambaForCausalLM.from_pretrained(
         tiny_unsupported_dir, attn_implementation="eager"
     ).eval()
     with torch.no_grad():
@@ -180,7 +178,7 @@ def test_export_refuses_it_and_eval_takes_it_as_reference(
     refused = runner.invoke(
         app, ["export", str(tiny_unsupported_dir), "--out", str(tmp_path / "o")]
     )
-    assert refused.exit_code == 2 and "'gpt_neo' is not supported" in " ".join(
+    assert refused.exit_code == 2 and "'mamba' has no extractor and its model returns no key/value" in " ".join(
         refused.stderr.split()
     )
     assert not (tmp_path / "o").exists()
@@ -194,7 +192,7 @@ def test_export_refuses_it_and_eval_takes_it_as_reference(
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "r.json").read_text())
     reference = record["reference"]
-    # A random GPT-Neo and a random Llama disagree, but both are scored on the same tokens.
+    # A random Mamba and a random Llama disagree, but both are scored on the same tokens.
     assert reference["tokens"] == record["tokens"] and reference["perplexity"] > 1
     assert reference["top1_agreement"] < 1.0
     assert any(key.startswith("throughput.pytorch.") for key in record["metrics"])

@@ -39,11 +39,22 @@ MIN_TRACE_OPSET = 18
 _BATCH, _PAST, _SEQUENCE = 2, 3, 4
 
 
-def has_causal_lm(model_type: str) -> bool:
-    """Whether transformers has a ``*ForCausalLM`` class for ``model_type``."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+def has_causal_lm(config: Any) -> bool:
+    """Whether transformers has a decoder-only ``*ForCausalLM`` for the config's model type.
 
-    return model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    Encoders that transformers can also run as decoders (BERT, RoBERTa: types with a masked-LM
+    head) count only when the config says ``is_decoder``.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = getattr(config, "model_type", None)
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    encoder = model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+    return not encoder or bool(getattr(config, "is_decoder", False))
 
 
 def check_generic(config: Any, *, dtype: str = "fp32") -> None:
@@ -213,8 +224,12 @@ def _trace(model: Any, num_layers: int, kv_heads: int, head_dim: int, opset: int
 
 def _quantize(model: onnx.ModelProto, fmt: WeightFormat) -> onnx.ModelProto:
     """int8 / int4 MatMulNBits blocks over the traced graph's weight MatMuls (ORT's quantizer)."""
+    import logging
+
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
+    # The quantizer logs a line per node at INFO; the export's own stages say what happens.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
     quantizer = MatMulNBitsQuantizer(
         model,
         bits=8 if fmt.quantize == "int8" else 4,

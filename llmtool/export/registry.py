@@ -172,13 +172,14 @@ GENERIC = Architecture(
 HAND_BUILT = "hand-built"
 
 
-def architecture(model_type: Any) -> Architecture | None:
-    """The registry entry for ``model_type``: its own, :data:`GENERIC` when transformers has a
-    causal LM for it, else None."""
+def architecture(config: Any) -> Architecture | None:
+    """The registry entry for a config's ``model_type``: its own, :data:`GENERIC` when
+    transformers has a decoder-only causal LM for it, else None."""
+    model_type = getattr(config, "model_type", None)
     if not isinstance(model_type, str):
         return None
     entry = ARCHITECTURES.get(model_type)
-    if entry is None and has_causal_lm(model_type):
+    if entry is None and has_causal_lm(config):
         return GENERIC
     return entry
 
@@ -214,7 +215,7 @@ def check_supported(
             names those that are.
     """
     model_type = getattr(config, "model_type", None)
-    entry = architecture(model_type)
+    entry = architecture(config)
     if entry is None:
         raise UsageError(
             f"Architecture '{model_type}' is not supported (transformers has no causal LM for it)",
@@ -269,7 +270,7 @@ def build_graph(
     check_supported(
         model.config, fused=options.fused, quantize=options.weights.quantize, dtype=dtype
     )
-    entry = architecture(model.config.model_type)
+    entry = architecture(model.config)
     assert entry is not None  # check_supported refused an unknown type
     source = model if entry.extract is None else entry.extract(model)
     build = entry.build_fused if options.fused else entry.build

@@ -97,7 +97,7 @@ LONG_TAIL = 16
 def position_thresholds(config: Any) -> list[int]:
     """The positions past which the model behaves differently, as its config declares them."""
     found: list[int] = []
-    for name in ("sliding_window", "attention_chunk_size"):
+    for name in ("sliding_window", "attention_chunk_size", "window_size"):  # GPT-Neo: window_size
         value = getattr(config, name, None)
         if isinstance(value, int) and value > 0:
             found.append(value)
