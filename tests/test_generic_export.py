@@ -244,7 +244,9 @@ def test_exporter_failure_is_refused_with_the_type_and_reason(tokenizer, tmp_pat
     )
     OlmoeForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
-    refused = CliRunner().invoke(app, ["export", str(tmp_path / "hf"), "--out", str(tmp_path / "o")])
+    refused = CliRunner().invoke(
+        app, ["export", str(tmp_path / "hf"), "--out", str(tmp_path / "o")]
+    )
     message = " ".join(refused.stderr.split())
     assert refused.exit_code == 2, refused.output
     assert "torch.onnx (dynamo) cannot export 'olmoe'" in message and "Traceback" not in message

@@ -178,8 +178,10 @@ def test_export_refuses_it_and_eval_takes_it_as_reference(
     refused = runner.invoke(
         app, ["export", str(tiny_unsupported_dir), "--out", str(tmp_path / "o")]
     )
-    assert refused.exit_code == 2 and "'mamba' has no extractor and its model returns no key/value" in " ".join(
-        refused.stderr.split()
+    assert (
+        refused.exit_code == 2
+        and "'mamba' has no extractor and its model returns no key/value"
+        in " ".join(refused.stderr.split())
     )
     assert not (tmp_path / "o").exists()
     args = [

@@ -20,14 +20,15 @@ def _cell(text: str) -> str:
 
 def render() -> str:
     """The page's Markdown."""
-    from llmtool.export.registry import ARCHITECTURES
+    from llmtool.export.registry import ARCHITECTURES, GENERIC
 
     lines = [
         "# Supported architectures",
         "",
         "Generated when the site is built, from the export registry "
         "(`llmtool.export.registry.ARCHITECTURES`): these are the `config.model_type` values "
-        "`llmtool export` accepts. Any other type is refused with exit code 2.",
+        "`llmtool export` builds by hand (an extractor into the neutral decoder description). "
+        "Any other decoder-only causal LM of transformers takes the generic path below.",
         "",
         "| family (`model_type`) | standard | `--fused` | `--quantize` int8 / int4 | notes |",
         "|---|---|---|---|---|",
@@ -37,6 +38,21 @@ def render() -> str:
         fused = "yes" if entry.build_fused is not None else f"no: {entry.no_fused}"
         quantize = "yes" if entry.quantizable else "no"
         lines.append(f"| `{name}` | yes | {_cell(fused)} | {quantize} | {_cell(entry.note)} |")
+    fused = f"no: {GENERIC.no_fused}"
+    lines += [
+        f"| any other causal LM (generic path) | yes | {_cell(fused)} | yes | {_cell(GENERIC.note)} |",
+        "",
+        "The generic path (`llmtool.export.generic`): a type without an extractor for which "
+        "transformers has a decoder-only `*ForCausalLM` is traced by "
+        "`torch.onnx.export(dynamo=True)` to the standard graph's I/O contract, then validated "
+        "exactly like the hand-built graphs; the manifest's `builder` is `torch.onnx.dynamo` "
+        "(`hand-built` otherwise). Tested on GPT-Neo, CodeGen, BioGPT and XGLM. Refused with "
+        "exit 2, naming the type and the reason: models that return no key/value cache (Mamba "
+        "and other state-space or recurrent families), models the exporter cannot trace (e.g. "
+        "OLMoE's grouped expert matmul), `--fused`, and `--dtype fp16`. The graph is written "
+        "at opset 18 at least (`graph_opset` in the manifest).",
+        "",
+    ]
     from llmtool.export.seq2seq import SEQ2SEQ_TYPES
 
     lines += [

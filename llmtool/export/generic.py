@@ -96,7 +96,11 @@ class ExportedGraph:
             return [path]
         data = path.with_name(path.name + data_suffix)
         onnx.save_model(
-            self.model, str(path), save_as_external_data=True, location=data.name, size_threshold=1024
+            self.model,
+            str(path),
+            save_as_external_data=True,
+            location=data.name,
+            size_threshold=1024,
         )
         return [path, data]
 
@@ -132,7 +136,9 @@ def _cache_model(model: Any) -> Any:
                 return_dict=True,
                 **{kwarg: cache},
             )
-            present = [t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)]
+            present = [
+                t for layer in out.past_key_values.layers for t in (layer.keys, layer.values)
+            ]
             return (out.logits.float(), *present)
 
     return _CacheModel().eval()
@@ -164,7 +170,7 @@ def _cache_shape(model: Any) -> tuple[int, int, int]:
             f"'{model_type}' has no extractor and its cache layers differ in shape {sorted(shapes)}",
             "llmtool's KV-cache contract needs one shape for every layer.",
         )
-    (_, kv_heads, _, head_dim), = shapes
+    ((_, kv_heads, _, head_dim),) = shapes
     return len(layers), kv_heads, head_dim
 
 
@@ -219,6 +225,7 @@ def _trace(model: Any, num_layers: int, kv_heads: int, head_dim: int, opset: int
         optimize=True,
         verbose=False,
     )
+    assert program is not None  # dynamo=True always returns the ONNXProgram
     return program.model_proto
 
 
@@ -280,7 +287,9 @@ def build_generic(model: Any, dtype: str, opset: int, fmt: WeightFormat) -> Buil
         "model_type": model_type,
         "builder": BUILDER,
         "num_layers": num_layers,
+        "num_heads": getattr(config, "num_attention_heads", None),
         "num_kv_heads": kv_heads,
+        "hidden_size": getattr(config, "hidden_size", None),
         "head_dim": head_dim,
         "vocab_size": int(config.vocab_size),
         "max_positions": getattr(config, "max_position_embeddings", None),
