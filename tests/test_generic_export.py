@@ -159,6 +159,22 @@ def test_validation_passes_and_manifest_names_the_builder(generic_export):
     assert read_manifest(out)["builder"] == "torch.onnx.dynamo"  # as written to llmtool.json
 
 
+def test_export_table_names_the_builder(generic_export, tokenizer):
+    from rich.console import Console
+
+    from conftest import build_tiny_model
+    from llmtool.export.registry import build_graph
+    from llmtool.reports import export_table
+
+    _, _, out, manifest = generic_export
+    console = Console(width=200, record=True)
+    console.print(export_table(manifest, out))
+    assert "torch.onnx.dynamo graph" in console.export_text()
+    # A family with an extractor: the registry records the hand-built path.
+    built = build_graph(build_tiny_model("llama", len(tokenizer)), "fp32", 17)
+    assert built.meta["builder"] == "hand-built"
+
+
 def test_greedy_equals_transformers(generic_export, tokenizer):
     from conftest import load_hf
 
