@@ -750,7 +750,9 @@ def eval_cmd(
         help=f"What --baseline lets pass: perplexity=PCT (and beyond sigmas=N standard errors of "
         f"the paired window-by-window difference), throughput=PCT (and beyond the spread of "
         f"the repeats) [default: perplexity={100 * defaults.GATE_PERPLEXITY_TOLERANCE:g}%,"
-        f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%].",
+        f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%]. "
+        f"Encoder-decoder exports: perplexity, sigmas (paired pair by pair), bleu=POINTS and "
+        f"chrf=POINTS that BLEU / chrF may fall [default: {defaults.GATE_BLEU_POINTS:g} each].",
     ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
@@ -782,15 +784,22 @@ def eval_cmd(
     from llmtool.runtime.seq2seq import is_seq2seq_export
 
     if is_seq2seq_export(model_dir):
-        if throughput or baseline is not None or ray is not None:
+        if throughput or ray is not None:
             from llmtool.errors import UsageError
 
             raise UsageError(
-                "--throughput, --baseline and --ray are not available for encoder-decoder exports yet",
+                "--throughput and --ray are not available for encoder-decoder exports yet",
                 "drop them; the report already has encoder time, TTFT and decoder tok/s.",
             )
         _eval_seq2seq(
-            model_dir, data, (source_field, target_field), num_beams, provider, reference, json_path
+            model_dir,
+            data,
+            (source_field, target_field),
+            num_beams,
+            provider,
+            reference,
+            json_path,
+            (baseline, tolerance),
         )
         return
     from llmtool.evaluate.gate import parse_tolerance
@@ -862,15 +871,17 @@ def _eval_seq2seq(
     provider: str,
     reference: str | None,
     json_path: Path | None,
+    gate: tuple[Path | None, list[str]],
 ) -> None:
-    """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing."""
+    """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing, the gate."""
     from rich.markup import escape
     from rich.table import Table
 
     from llmtool.console import console, dim, err_console
-    from llmtool.errors import UsageError
+    from llmtool.errors import RegressionError, UsageError
     from llmtool.fsutil import write_json
     from llmtool.seq2seq.evaluate import evaluate_seq2seq
+    from llmtool.seq2seq.gate import parse_seq2seq_tolerance
 
     if data is None:
         raise UsageError("No --data given", "pass a TSV or JSONL file of source/target pairs.")
@@ -884,6 +895,8 @@ def _eval_seq2seq(
             num_beams=num_beams,
             provider=provider,
             reference=reference,
+            baseline=gate[0],
+            tolerance=parse_seq2seq_tolerance(gate[1]),
             on_progress=lambda text, done, total: progress.update(
                 task, description=escape(text), completed=done, total=total
             ),
@@ -907,6 +920,29 @@ def _eval_seq2seq(
     if json_path is not None:
         write_json(json_path, record)
         err_console.print(dim(f"Wrote {json_path}"), soft_wrap=True)
+    if "gate" in record:
+        _print_seq2seq_gate(record["gate"])
+        worse = [r["metric"] for r in record["gate"]["rows"] if r["status"] == "worse"]
+        if worse:
+            raise RegressionError(
+                f"{len(worse)} metric(s) worse than the baseline beyond tolerance: {', '.join(worse)}",
+                "see the table above, or widen --tolerance if the change is expected.",
+            )
+
+
+def _print_seq2seq_gate(gate: dict[str, Any]) -> None:
+    """The seq2seq gate's rows as a Rich table."""
+    from rich.table import Table
+
+    from llmtool.console import console
+
+    table = Table(title=f"Against baseline {gate['baseline']}")
+    for name in ("metric", "baseline", "this run", "limit", "status"):
+        table.add_column(name, justify="right" if name in ("baseline", "this run") else "left")
+    for r in gate["rows"]:
+        old, new = ("-" if v is None else f"{v:.4g}" for v in (r["old"], r["new"]))
+        table.add_row(r["metric"], old, new, r["limit"], r["status"])
+    console.print(table)
 
 
 @app.command("train")

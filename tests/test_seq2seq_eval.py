@@ -194,3 +194,67 @@ def test_train_t5_loss_falls_and_exports(tmp_path):
         ["train", "--arch", "bart", "--data", str(data), "--out", str(tmp_path / "m3"), "--resume"],
     )
     assert res.exit_code == 2 and "--resume not available" in res.output
+
+
+def test_cli_eval_baseline_gate_passes_fails_refuses(bart_export, tmp_path):
+    """The seq2seq baseline gate: same export passes; a baseline that scored lower fails (1);
+    other pairs, other beams and a decoder-only report are refused (2)."""
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    _, out = bart_export
+    pairs = _write_pairs(tmp_path / "p.tsv")
+    base = tmp_path / "r.json"
+    common = ["eval", str(out), "--data", str(pairs), "--provider", "cpu"]
+    res = CliRunner().invoke(app, [*common, "--json", str(base)])
+    assert res.exit_code == 0, res.output
+    record = json.loads(base.read_text())
+    assert record["schema"] == "llmtool-seq2seq-eval" and record["schema_version"] == 1
+    # The per-pair sums are the token NLLs regrouped: they give back the mean NLL.
+    assert sum(record["pair_tokens"]) == record["tokens"]
+    assert math.isclose(sum(record["pair_nll"]) / record["tokens"], record["nll"], rel_tol=1e-9)
+
+    res = CliRunner().invoke(app, [*common, "--baseline", str(base)])
+    assert res.exit_code == 0, res.output
+    assert "Against baseline" in res.output and "same" in res.output
+
+    # A baseline 1% better on every pair: this run is worse beyond +0.5%, and the paired
+    # difference is exactly uniform per token, so no noise excuses it -> exit 1.
+    better = dict(record)
+    better["pair_nll"] = [
+        x - 0.01 * n for x, n in zip(record["pair_nll"], record["pair_tokens"], strict=True)
+    ]
+    better["perplexity"] = record["perplexity"] * math.exp(-0.01)
+    (tmp_path / "better.json").write_text(json.dumps(better))
+    res = CliRunner().invoke(app, [*common, "--baseline", str(tmp_path / "better.json")])
+    assert res.exit_code == 1 and "perplexity" in res.output, res.output
+    # The same rise inside a 2% tolerance passes.
+    res = CliRunner().invoke(
+        app,
+        [*common, "--baseline", str(tmp_path / "better.json"), "--tolerance", "perplexity=2%"],
+    )
+    assert res.exit_code == 0, res.output
+    # BLEU 5 points higher in the baseline fails beyond the default 1 point; bleu=10 lets it pass.
+    (tmp_path / "bleu.json").write_text(json.dumps({**record, "bleu": record["bleu"] + 5}))
+    res = CliRunner().invoke(app, [*common, "--baseline", str(tmp_path / "bleu.json")])
+    assert res.exit_code == 1 and "bleu" in res.output, res.output
+    res = CliRunner().invoke(
+        app, [*common, "--baseline", str(tmp_path / "bleu.json"), "--tolerance", "bleu=10"]
+    )
+    assert res.exit_code == 0, res.output
+
+    refusals = {
+        "other.json": ({**record, "data_sha256": "0" * 64}, "another config"),
+        "beams.json": ({**record, "num_beams": 4}, "num_beams"),
+        "decoder.json": ({"schema": "llmtool-eval", "schema_version": 1}, "not an encoder-decoder"),
+        "newer.json": ({**record, "schema_version": 99}, "schema version 99"),
+    }
+    for name, (content, message) in refusals.items():
+        (tmp_path / name).write_text(json.dumps(content))
+        res = CliRunner().invoke(app, [*common, "--baseline", str(tmp_path / name)])
+        assert res.exit_code == 2 and message in res.output, (name, res.output)
+    res = CliRunner().invoke(
+        app, [*common, "--baseline", str(base), "--tolerance", "throughput=5%"]
+    )
+    assert res.exit_code == 2 and "throughput" in res.output
