@@ -1011,21 +1011,22 @@ def train_cmd(
     from llmtool.train import TrainOptions, TrainProgress, train_model
 
     if arch in SEQ2SEQ_ARCHS:
+        # --seq-len cuts a text stream into windows: pairs have no stream to cut (each is padded
+        # to its longest side). The tokenizer is always a BPE trained on both sides.
         unsupported = {
-            "--resume": resume,
             "--tokenizer": tokenizer,
             "--vocab-size": vocab_size,
             "--grad-accum": grad_accum,
             "--seq-len": seq_len,
-            "--checkpoint-every": checkpoint_every,
         }
         given = [name for name, value in unsupported.items() if value]
         if given:
             from llmtool.errors import UsageError
 
             raise UsageError(
-                f"{', '.join(given)} not available with --arch {arch} yet",
-                "drop them (encoder-decoder runs train from the preset, without checkpoints).",
+                f"{', '.join(given)} not available with --arch {arch}: pairs are padded per batch "
+                "and the tokenizer is a BPE trained on both sides",
+                "drop them (the preset sets the vocabulary; lower --batch-size for memory).",
             )
         _train_seq2seq(
             data,
@@ -1041,6 +1042,7 @@ def train_cmd(
             as_json,
             eval_every,
             val_fraction,
+            (checkpoint_every, resume),
         )
         return
 
@@ -1124,8 +1126,9 @@ def _train_seq2seq(
     as_json: bool,
     eval_every: int | None,
     val_fraction: float | None,
+    checkpoints: tuple[int | None, bool],
 ) -> None:
-    """`train --arch t5|bart`: an encoder-decoder on source/target pairs."""
+    """`train --arch t5|bart`: an encoder-decoder on source/target pairs (checkpoints, resume)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from llmtool.console import console, dim, err_console
@@ -1144,6 +1147,7 @@ def _train_seq2seq(
         seed=defaults.SEED if seed is None else seed,
         eval_every=eval_every,
         val_fraction=defaults.VAL_FRACTION if val_fraction is None else val_fraction,
+        checkpoint_every=checkpoints[0],
     )
     columns = (
         TextColumn("{task.description}"),
@@ -1159,6 +1163,7 @@ def _train_seq2seq(
             options,
             device=device,
             force=force,
+            resume=checkpoints[1],
             on_stage=lambda text: progress.console.print(dim(text)),
             on_step=lambda p: progress.update(
                 task,

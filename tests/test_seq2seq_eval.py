@@ -193,7 +193,51 @@ def test_train_t5_loss_falls_and_exports(tmp_path):
         app,
         ["train", "--arch", "bart", "--data", str(data), "--out", str(tmp_path / "m3"), "--resume"],
     )
-    assert res.exit_code == 2 and "--resume not available" in res.output
+    assert res.exit_code == 2 and "No checkpoint to resume" in res.output
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "t5",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "m4"),
+            "--seq-len",
+            "64",
+        ],
+    )
+    assert res.exit_code == 2 and "--seq-len not available" in res.output
+
+
+@pytest.mark.seq2seq_full
+def test_train_t5_subprocess_then_export(tmp_path):
+    """`llmtool train --arch t5` and `llmtool export` of its output as real processes.
+
+    Behind seq2seq_full: two interpreter starts with torch and an export validation take ~23 s
+    on 2 cores; the default suite trains and exports in-process (test above)."""
+    data = _reverse_pairs(tmp_path / "rev.tsv")
+    run = [sys.executable, "-m", "llmtool"]
+    train = [*run, "train", "--arch", "t5", "--data", str(data), "--out", str(tmp_path / "m")]
+    proc = subprocess.run(
+        [*train, "--steps", "3", "--batch-size", "8", "--device", "cpu", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["steps"] == 3
+    proc = subprocess.run(
+        [*run, "export", str(tmp_path / "m"), "--out", str(tmp_path / "onnx")],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((tmp_path / "onnx" / "llmtool.json").read_text())
+    assert manifest["kind"] == "seq2seq" and manifest["model_type"] == "t5"
+    assert (tmp_path / "onnx" / "encoder_model.onnx").is_file()
 
 
 def test_cli_eval_baseline_gate_passes_fails_refuses(bart_export, tmp_path):
@@ -258,3 +302,72 @@ def test_cli_eval_baseline_gate_passes_fails_refuses(bart_export, tmp_path):
         app, [*common, "--baseline", str(base), "--tolerance", "throughput=5%"]
     )
     assert res.exit_code == 2 and "throughput" in res.output
+
+
+def _reverse_pairs(path, n=40):
+    import random
+
+    rnd = random.Random(0)
+    words = ["red", "blue", "green", "cat", "dog", "sun"]
+    lines = []
+    for _ in range(n):
+        w = [rnd.choice(words) for _ in range(rnd.randint(3, 5))]
+        lines.append(" ".join(w) + "\t" + " ".join(reversed(w)))
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_train_seq2seq_resume_equals_uninterrupted(tmp_path):
+    """6 steps straight vs 3, an interruption, and --resume for the other 3: same curve, same
+    weights (CPU, fixed seed); a resume on other pairs is refused."""
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+    from llmtool.errors import UsageError
+    from llmtool.seq2seq.train import Seq2SeqTrainOptions, train_seq2seq
+
+    data = _reverse_pairs(tmp_path / "rev.tsv")
+    opts = Seq2SeqTrainOptions(
+        arch="bart", steps=6, batch_size=8, eval_every=2, checkpoint_every=3, max_eval_pairs=4
+    )
+    straight = train_seq2seq(data, tmp_path / "a", opts, device="cpu")
+
+    def stop(p):
+        if p.checkpointed:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_seq2seq(data, tmp_path / "b", opts, device="cpu", on_step=stop)
+    assert (tmp_path / "b" / "checkpoints" / "step-000003" / "model.safetensors").is_file()
+    other = _reverse_pairs(tmp_path / "other.tsv", n=30)
+    with pytest.raises(UsageError, match="other pairs"):
+        train_seq2seq(other, tmp_path / "b", device="cpu", resume=True)
+    res = CliRunner().invoke(
+        app,
+        [
+            "train",
+            "--arch",
+            "bart",
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "b"),
+            "--resume",
+            "--device",
+            "cpu",
+            "--json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    resumed = json.loads((tmp_path / "b" / "train_metrics.json").read_text())
+    for x, y in zip(straight["curve"], resumed["curve"], strict=True):
+        assert x["step"] == y["step"]
+        for key in ("train_loss", "val_loss"):
+            if x[key] is not None:
+                assert math.isclose(x[key], y[key], rel_tol=1e-6, abs_tol=1e-7), (key, x, y)
+    wa = load_file(tmp_path / "a" / "model.safetensors")
+    wb = load_file(tmp_path / "b" / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
+    assert not (tmp_path / "b" / "checkpoints").exists()
