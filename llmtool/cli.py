@@ -313,10 +313,11 @@ def generate_cmd(
     batch_size: int = typer.Option(8, help="With --out: prompts per generation batch."),
     force: bool = typer.Option(False, "--force", help="With --out: start the results over."),
     ray: str | None = RAY_OPTION,
-    num_beams: int = typer.Option(
-        1,
+    num_beams: int | None = typer.Option(
+        None,
         "--num-beams",
-        help="Encoder-decoder exports: beam search with N beams (as transformers' num_beams).",
+        help="Encoder-decoder exports: beam search with N beams (as transformers' num_beams) "
+        "[default: the export's generation_config.json num_beams for a greedy search, else 1].",
     ),
 ) -> None:
     """Generate text from an export with ONNX Runtime (a seq2seq export's PROMPT is its source).
@@ -397,7 +398,7 @@ def generate_cmd(
             chat=chat,
         )
         return
-    if num_beams != 1:
+    if num_beams not in (None, 1):
         from llmtool.errors import UsageError
 
         raise UsageError("--num-beams is for encoder-decoder exports", "drop --num-beams.")
@@ -494,7 +495,7 @@ def _generate_seq2seq(
     prompts: list[Any],
     max_new_tokens: int,
     sampling: Any,
-    num_beams: int,
+    num_beams: int | None,
     conditions: Any,
     provider: str,
     session_options: Any,
@@ -508,7 +509,7 @@ def _generate_seq2seq(
     from llmtool.errors import UsageError
     from llmtool.reports import generation_table, timing_line
     from llmtool.runtime.seq2seq import OnnxSeq2Seq
-    from llmtool.seq2seq.generate import generate_seq2seq
+    from llmtool.seq2seq.generate import config_defaults, default_beams, generate_seq2seq
 
     if chat or not all(isinstance(p, str) for p in prompts):
         raise UsageError(
@@ -516,6 +517,17 @@ def _generate_seq2seq(
         )
     model = OnnxSeq2Seq(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
+    from_config = config_defaults(model)
+    if num_beams is None:
+        num_beams = default_beams(model, sampling, conditions)
+    else:
+        from_config.pop("num_beams", None)
+    if num_beams == 1:  # beam-only settings do not apply to one beam
+        for key in ("num_beams", "length_penalty", "early_stopping"):
+            from_config.pop(key, None)
+    if from_config:
+        used = ", ".join(f"{k}={json.dumps(v)}" for k, v in from_config.items())
+        err_console.print(dim(f"From generation_config.json: {used}"), soft_wrap=True)
     streaming = stream and len(prompts) == 1 and num_beams == 1
 
     def on_text(row: int, text: str) -> None:
