@@ -763,8 +763,9 @@ def eval_cmd(
         f"the paired window-by-window difference), throughput=PCT (and beyond the spread of "
         f"the repeats) [default: perplexity={100 * defaults.GATE_PERPLEXITY_TOLERANCE:g}%,"
         f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%]. "
-        f"Encoder-decoder exports: perplexity, sigmas (paired pair by pair), bleu=POINTS and "
-        f"chrf=POINTS that BLEU / chrF may fall [default: {defaults.GATE_BLEU_POINTS:g} each].",
+        f"Encoder-decoder exports: perplexity, sigmas (paired pair by pair), throughput, and "
+        f"bleu=POINTS / chrf=POINTS that BLEU / chrF may fall [default: "
+        f"{defaults.GATE_BLEU_POINTS:g} each].",
     ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
@@ -796,13 +797,26 @@ def eval_cmd(
     from llmtool.runtime.seq2seq import is_seq2seq_export
 
     if is_seq2seq_export(model_dir):
-        if throughput or ray is not None:
+        if ray is not None:
             from llmtool.errors import UsageError
 
             raise UsageError(
-                "--throughput and --ray are not available for encoder-decoder exports yet",
-                "drop them; the report already has encoder time, TTFT and decoder tok/s.",
+                "--ray is not available for encoder-decoder exports yet",
+                "drop it; run eval on one machine.",
             )
+        from llmtool.evaluate.throughput import parse_sizes
+
+        timed = {
+            "batch_sizes": parse_sizes(batch_sizes, "--batch-sizes"),
+            "warmup": warmup,
+            "repeats": repeats,
+            **({} if new_tokens is None else {"new_tokens": new_tokens}),
+            **(
+                {}
+                if prompt_lengths is None
+                else {"source_lengths": parse_sizes(prompt_lengths, "--prompt-lengths")}
+            ),
+        }
         _eval_seq2seq(
             model_dir,
             data,
@@ -812,6 +826,7 @@ def eval_cmd(
             reference,
             json_path,
             (baseline, tolerance),
+            timed if throughput else None,
         )
         return
     from llmtool.evaluate.gate import parse_tolerance
@@ -884,6 +899,7 @@ def _eval_seq2seq(
     reference: str | None,
     json_path: Path | None,
     gate: tuple[Path | None, list[str]],
+    throughput: dict[str, Any] | None = None,
 ) -> None:
     """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing, the gate."""
     from rich.markup import escape
@@ -909,6 +925,7 @@ def _eval_seq2seq(
             reference=reference,
             baseline=gate[0],
             tolerance=parse_seq2seq_tolerance(gate[1]),
+            throughput=throughput,
             on_progress=lambda text, done, total: progress.update(
                 task, description=escape(text), completed=done, total=total
             ),
@@ -929,6 +946,20 @@ def _eval_seq2seq(
         table.add_row("KL mean (nats)", f"{f['kl_divergence']['mean']:.3g}")
         table.add_row("top-1 agreement", f"{100 * f['top1_agreement']:.1f}%")
     console.print(table)
+    if "throughput" in record:
+        timed = Table(title="Throughput (medians over repeats, greedy, EOS ignored)")
+        for name in ("batch", "source tok", "new tok", "encoder ms", "TTFT ms", "decoder tok/s"):
+            timed.add_column(name, justify="right")
+        for sc in record["throughput"]["scenarios"]:
+            timed.add_row(
+                str(sc["batch_size"]),
+                str(sc["source_tokens"]),
+                str(sc["new_tokens"]),
+                f"{sc['encoder_ms']:.2f}",
+                f"{sc['ttft_ms']:.2f}",
+                f"{sc['decoder_tokens_per_s']:.1f} ± {100 * sc['spread']:.0f}%",
+            )
+        console.print(timed)
     if json_path is not None:
         write_json(json_path, record)
         err_console.print(dim(f"Wrote {json_path}"), soft_wrap=True)

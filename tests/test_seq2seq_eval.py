@@ -128,8 +128,8 @@ def test_cli_eval_subprocess_and_bad_pairs(bart_export, tmp_path):
     bad.write_text(json.dumps({"source": "x"}) + "\n")
     res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--provider", "cpu"])
     assert res.exit_code == 2 and "no 'target' field" in res.output
-    res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--throughput"])
-    assert res.exit_code == 2 and "--throughput" in res.output
+    res = CliRunner().invoke(app, ["eval", str(out), "--data", str(bad), "--ray", "auto"])
+    assert res.exit_code == 2 and "--ray" in res.output
 
 
 def test_train_t5_loss_falls_and_exports(tmp_path):
@@ -298,10 +298,8 @@ def test_cli_eval_baseline_gate_passes_fails_refuses(bart_export, tmp_path):
         (tmp_path / name).write_text(json.dumps(content))
         res = CliRunner().invoke(app, [*common, "--baseline", str(tmp_path / name)])
         assert res.exit_code == 2 and message in res.output, (name, res.output)
-    res = CliRunner().invoke(
-        app, [*common, "--baseline", str(base), "--tolerance", "throughput=5%"]
-    )
-    assert res.exit_code == 2 and "throughput" in res.output
+    res = CliRunner().invoke(app, [*common, "--baseline", str(base), "--tolerance", "bleu=x"])
+    assert res.exit_code == 2 and "bleu=x" in res.output
 
 
 def _reverse_pairs(path, n=40):
@@ -371,3 +369,42 @@ def test_train_seq2seq_resume_equals_uninterrupted(tmp_path):
     assert wa.keys() == wb.keys()
     assert max(float((wa[k] - wb[k]).abs().max()) for k in wa) < 1e-6
     assert not (tmp_path / "b" / "checkpoints").exists()
+
+
+def test_cli_eval_throughput_record_and_gate(bart_export, tmp_path):
+    """--throughput: one scenario per batch size, medians of the timed repeats (positive), the
+    repeat count; gated by the spread rule; other shapes refused."""
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+
+    _, out = bart_export
+    common = ["eval", str(out), "--data", str(_write_pairs(tmp_path / "p.tsv")), "--throughput"]
+    common += ["--batch-sizes", "1,2", "--prompt-lengths", "8", "--new-tokens", "4"]
+    common += ["--warmup", "1", "--repeats", "3", "--provider", "cpu"]
+    base = tmp_path / "r.json"
+    res = CliRunner().invoke(app, [*common, "--json", str(base)])
+    assert res.exit_code == 0, res.output
+    assert "Throughput" in res.output and "TTFT ms" in res.output
+    record = json.loads(base.read_text())
+    t = record["throughput"]
+    assert t["batch_sizes"] == [1, 2] and t["new_tokens"] == 4
+    assert [s["batch_size"] for s in t["scenarios"]] == [1, 2]
+    for s in t["scenarios"]:
+        assert s["repeats"] == 3 and len(s["decoder_tokens_per_s_all"]) == 3
+        assert s["encoder_ms"] > 0 and s["ttft_ms"] >= s["encoder_ms"]
+        assert s["decoder_tokens_per_s"] == float(np.median(s["decoder_tokens_per_s_all"])) > 0
+        assert 0 <= s["spread"] < 1 and s["source_tokens"] >= 2
+    # A baseline 10x faster with no spread: this run's tok/s is a regression -> exit 1.
+    fast = json.loads(base.read_text())
+    for s in fast["throughput"]["scenarios"]:
+        s["decoder_tokens_per_s"] *= 10
+        s["spread"] = 0.0
+    (tmp_path / "fast.json").write_text(json.dumps(fast))
+    res = CliRunner().invoke(app, [*common, "--baseline", str(tmp_path / "fast.json")])
+    assert res.exit_code == 1 and "decoder tok/s b1" in res.output, res.output
+    shapes = json.loads(base.read_text())
+    shapes["throughput"]["batch_sizes"] = [1, 4]
+    (tmp_path / "shapes.json").write_text(json.dumps(shapes))
+    res = CliRunner().invoke(app, [*common, "--baseline", str(tmp_path / "shapes.json")])
+    assert res.exit_code == 2 and "batch_sizes" in res.output, res.output

@@ -8,6 +8,8 @@
   sacrebleu's defaults (corpus BLEU with its 13a tokenizer, chrF with n=6, beta=2) and its
   signature recorded, so scores compare with published ones.
 * Timing of that generation: encoder seconds, time to the first target token, decoder tok/s.
+* With ``throughput``, timed scenarios (:mod:`llmtool.seq2seq.throughput`); with ``baseline``,
+  the gate (:mod:`llmtool.seq2seq.gate`).
 """
 
 from __future__ import annotations
@@ -152,6 +154,7 @@ def evaluate_seq2seq(
     reference: str | Path | None = None,
     baseline: str | Path | None = None,
     tolerance: Seq2SeqTolerance | None = None,
+    throughput: dict[str, Any] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Score an encoder-decoder export on a pairs file.
@@ -171,6 +174,9 @@ def evaluate_seq2seq(
         baseline: An earlier record (its ``--json`` file): the record gets ``gate``
             (:func:`llmtool.seq2seq.gate.compare_seq2seq`; ``gate["passed"]`` says if it passed).
         tolerance: What that gate lets pass (default: :class:`Seq2SeqTolerance`'s).
+        throughput: Keyword arguments of
+            :func:`llmtool.seq2seq.throughput.seq2seq_throughput` (``{}``: its defaults): the
+            record gets ``throughput`` (medians over repeats per scenario). None: not timed.
         on_progress: Called as ``(what, done, total)``.
 
     Returns:
@@ -213,6 +219,10 @@ def evaluate_seq2seq(
         record["fidelity"] = {"reference": str(reference), **fidelity[1].report().to_dict()}
     if generate:
         record.update(_generation(model, pairs, num_beams, max_new_tokens, batch_size, progress))
+    if throughput is not None:
+        from llmtool.seq2seq.throughput import seq2seq_throughput
+
+        record["throughput"] = seq2seq_throughput(model, pairs, on_progress=progress, **throughput)
     if old is not None:
         rows = compare_seq2seq(old, record, tolerance or Seq2SeqTolerance(), baseline)
         record["gate"] = {
