@@ -313,10 +313,11 @@ def generate_cmd(
     batch_size: int = typer.Option(8, help="With --out: prompts per generation batch."),
     force: bool = typer.Option(False, "--force", help="With --out: start the results over."),
     ray: str | None = RAY_OPTION,
-    num_beams: int = typer.Option(
-        1,
+    num_beams: int | None = typer.Option(
+        None,
         "--num-beams",
-        help="Encoder-decoder exports: beam search with N beams (as transformers' num_beams).",
+        help="Encoder-decoder exports: beam search with N beams (as transformers' num_beams) "
+        "[default: the export's generation_config.json num_beams for a greedy search, else 1].",
     ),
 ) -> None:
     """Generate text from an export with ONNX Runtime (a seq2seq export's PROMPT is its source).
@@ -397,7 +398,7 @@ def generate_cmd(
             chat=chat,
         )
         return
-    if num_beams != 1:
+    if num_beams not in (None, 1):
         from llmtool.errors import UsageError
 
         raise UsageError("--num-beams is for encoder-decoder exports", "drop --num-beams.")
@@ -494,7 +495,7 @@ def _generate_seq2seq(
     prompts: list[Any],
     max_new_tokens: int,
     sampling: Any,
-    num_beams: int,
+    num_beams: int | None,
     conditions: Any,
     provider: str,
     session_options: Any,
@@ -508,7 +509,7 @@ def _generate_seq2seq(
     from llmtool.errors import UsageError
     from llmtool.reports import generation_table, timing_line
     from llmtool.runtime.seq2seq import OnnxSeq2Seq
-    from llmtool.seq2seq.generate import generate_seq2seq
+    from llmtool.seq2seq.generate import config_defaults, default_beams, generate_seq2seq
 
     if chat or not all(isinstance(p, str) for p in prompts):
         raise UsageError(
@@ -516,6 +517,17 @@ def _generate_seq2seq(
         )
     model = OnnxSeq2Seq(model_dir, provider, options=session_options)
     err_console.print(dim(f"Running on {model.provider.upper()} ({model.directory.name})"))
+    from_config = config_defaults(model)
+    if num_beams is None:
+        num_beams = default_beams(model, sampling, conditions)
+    else:
+        from_config.pop("num_beams", None)
+    if num_beams == 1:  # beam-only settings do not apply to one beam
+        for key in ("num_beams", "length_penalty", "early_stopping"):
+            from_config.pop(key, None)
+    if from_config:
+        used = ", ".join(f"{k}={json.dumps(v)}" for k, v in from_config.items())
+        err_console.print(dim(f"From generation_config.json: {used}"), soft_wrap=True)
     streaming = stream and len(prompts) == 1 and num_beams == 1
 
     def on_text(row: int, text: str) -> None:
@@ -750,7 +762,10 @@ def eval_cmd(
         help=f"What --baseline lets pass: perplexity=PCT (and beyond sigmas=N standard errors of "
         f"the paired window-by-window difference), throughput=PCT (and beyond the spread of "
         f"the repeats) [default: perplexity={100 * defaults.GATE_PERPLEXITY_TOLERANCE:g}%,"
-        f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%].",
+        f"sigmas={defaults.GATE_SIGMAS:g},throughput={100 * defaults.GATE_THROUGHPUT_TOLERANCE:g}%]. "
+        f"Encoder-decoder exports: perplexity, sigmas (paired pair by pair), throughput, and "
+        f"bleu=POINTS / chrf=POINTS that BLEU / chrF may fall [default: "
+        f"{defaults.GATE_BLEU_POINTS:g} each].",
     ),
     allow_pickle: bool = typer.Option(
         False, "--allow-pickle", help="Accept pickle weights for PyTorch models (can run code)."
@@ -782,15 +797,36 @@ def eval_cmd(
     from llmtool.runtime.seq2seq import is_seq2seq_export
 
     if is_seq2seq_export(model_dir):
-        if throughput or baseline is not None or ray is not None:
+        if ray is not None:
             from llmtool.errors import UsageError
 
             raise UsageError(
-                "--throughput, --baseline and --ray are not available for encoder-decoder exports yet",
-                "drop them; the report already has encoder time, TTFT and decoder tok/s.",
+                "--ray is not available for encoder-decoder exports yet",
+                "drop it; run eval on one machine.",
             )
+        from llmtool.evaluate.throughput import parse_sizes
+
+        timed = {
+            "batch_sizes": parse_sizes(batch_sizes, "--batch-sizes"),
+            "warmup": warmup,
+            "repeats": repeats,
+            **({} if new_tokens is None else {"new_tokens": new_tokens}),
+            **(
+                {}
+                if prompt_lengths is None
+                else {"source_lengths": parse_sizes(prompt_lengths, "--prompt-lengths")}
+            ),
+        }
         _eval_seq2seq(
-            model_dir, data, (source_field, target_field), num_beams, provider, reference, json_path
+            model_dir,
+            data,
+            (source_field, target_field),
+            num_beams,
+            provider,
+            reference,
+            json_path,
+            (baseline, tolerance),
+            timed if throughput else None,
         )
         return
     from llmtool.evaluate.gate import parse_tolerance
@@ -862,15 +898,18 @@ def _eval_seq2seq(
     provider: str,
     reference: str | None,
     json_path: Path | None,
+    gate: tuple[Path | None, list[str]],
+    throughput: dict[str, Any] | None = None,
 ) -> None:
-    """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing."""
+    """`eval` on an encoder-decoder export: target perplexity, BLEU, chrF, timing, the gate."""
     from rich.markup import escape
     from rich.table import Table
 
     from llmtool.console import console, dim, err_console
-    from llmtool.errors import UsageError
+    from llmtool.errors import RegressionError, UsageError
     from llmtool.fsutil import write_json
     from llmtool.seq2seq.evaluate import evaluate_seq2seq
+    from llmtool.seq2seq.gate import parse_seq2seq_tolerance
 
     if data is None:
         raise UsageError("No --data given", "pass a TSV or JSONL file of source/target pairs.")
@@ -884,6 +923,9 @@ def _eval_seq2seq(
             num_beams=num_beams,
             provider=provider,
             reference=reference,
+            baseline=gate[0],
+            tolerance=parse_seq2seq_tolerance(gate[1]),
+            throughput=throughput,
             on_progress=lambda text, done, total: progress.update(
                 task, description=escape(text), completed=done, total=total
             ),
@@ -904,9 +946,46 @@ def _eval_seq2seq(
         table.add_row("KL mean (nats)", f"{f['kl_divergence']['mean']:.3g}")
         table.add_row("top-1 agreement", f"{100 * f['top1_agreement']:.1f}%")
     console.print(table)
+    if "throughput" in record:
+        timed = Table(title="Throughput (medians over repeats, greedy, EOS ignored)")
+        for name in ("batch", "source tok", "new tok", "encoder ms", "TTFT ms", "decoder tok/s"):
+            timed.add_column(name, justify="right")
+        for sc in record["throughput"]["scenarios"]:
+            timed.add_row(
+                str(sc["batch_size"]),
+                str(sc["source_tokens"]),
+                str(sc["new_tokens"]),
+                f"{sc['encoder_ms']:.2f}",
+                f"{sc['ttft_ms']:.2f}",
+                f"{sc['decoder_tokens_per_s']:.1f} ± {100 * sc['spread']:.0f}%",
+            )
+        console.print(timed)
     if json_path is not None:
         write_json(json_path, record)
         err_console.print(dim(f"Wrote {json_path}"), soft_wrap=True)
+    if "gate" in record:
+        _print_seq2seq_gate(record["gate"])
+        worse = [r["metric"] for r in record["gate"]["rows"] if r["status"] == "worse"]
+        if worse:
+            raise RegressionError(
+                f"{len(worse)} metric(s) worse than the baseline beyond tolerance: {', '.join(worse)}",
+                "see the table above, or widen --tolerance if the change is expected.",
+            )
+
+
+def _print_seq2seq_gate(gate: dict[str, Any]) -> None:
+    """The seq2seq gate's rows as a Rich table."""
+    from rich.table import Table
+
+    from llmtool.console import console
+
+    table = Table(title=f"Against baseline {gate['baseline']}")
+    for name in ("metric", "baseline", "this run", "limit", "status"):
+        table.add_column(name, justify="right" if name in ("baseline", "this run") else "left")
+    for r in gate["rows"]:
+        old, new = ("-" if v is None else f"{v:.4g}" for v in (r["old"], r["new"]))
+        table.add_row(r["metric"], old, new, r["limit"], r["status"])
+    console.print(table)
 
 
 @app.command("train")
@@ -975,21 +1054,22 @@ def train_cmd(
     from llmtool.train import TrainOptions, TrainProgress, train_model
 
     if arch in SEQ2SEQ_ARCHS:
+        # --seq-len cuts a text stream into windows: pairs have no stream to cut (each is padded
+        # to its longest side). The tokenizer is always a BPE trained on both sides.
         unsupported = {
-            "--resume": resume,
             "--tokenizer": tokenizer,
             "--vocab-size": vocab_size,
             "--grad-accum": grad_accum,
             "--seq-len": seq_len,
-            "--checkpoint-every": checkpoint_every,
         }
         given = [name for name, value in unsupported.items() if value]
         if given:
             from llmtool.errors import UsageError
 
             raise UsageError(
-                f"{', '.join(given)} not available with --arch {arch} yet",
-                "drop them (encoder-decoder runs train from the preset, without checkpoints).",
+                f"{', '.join(given)} not available with --arch {arch}: pairs are padded per batch "
+                "and the tokenizer is a BPE trained on both sides",
+                "drop them (the preset sets the vocabulary; lower --batch-size for memory).",
             )
         _train_seq2seq(
             data,
@@ -1005,6 +1085,7 @@ def train_cmd(
             as_json,
             eval_every,
             val_fraction,
+            (checkpoint_every, resume),
         )
         return
 
@@ -1088,8 +1169,9 @@ def _train_seq2seq(
     as_json: bool,
     eval_every: int | None,
     val_fraction: float | None,
+    checkpoints: tuple[int | None, bool],
 ) -> None:
-    """`train --arch t5|bart`: an encoder-decoder on source/target pairs."""
+    """`train --arch t5|bart`: an encoder-decoder on source/target pairs (checkpoints, resume)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from llmtool.console import console, dim, err_console
@@ -1108,6 +1190,7 @@ def _train_seq2seq(
         seed=defaults.SEED if seed is None else seed,
         eval_every=eval_every,
         val_fraction=defaults.VAL_FRACTION if val_fraction is None else val_fraction,
+        checkpoint_every=checkpoints[0],
     )
     columns = (
         TextColumn("{task.description}"),
@@ -1123,6 +1206,7 @@ def _train_seq2seq(
             options,
             device=device,
             force=force,
+            resume=checkpoints[1],
             on_stage=lambda text: progress.console.print(dim(text)),
             on_step=lambda p: progress.update(
                 task,

@@ -95,3 +95,7 @@ CPU_BANDWIDTH_PROBE_BYTES = 256 * 1024 * 1024
 GATE_PERPLEXITY_TOLERANCE = 0.005
 GATE_SIGMAS = 2.0
 GATE_THROUGHPUT_TOLERANCE = 0.10
+# Encoder-decoder gate: BLEU and chrF (0-100 points) may fall by this many points; a few pairs
+# move corpus BLEU by whole points, so a relative rule would fail on noise.
+GATE_BLEU_POINTS = 1.0
+GATE_CHRF_POINTS = 1.0

@@ -1,10 +1,10 @@
-"""Tiny random T5 (v1.1 gated-GELU), BART and Marian models for the seq2seq tests."""
+"""Tiny random T5 (v1.1 gated-GELU), mT5, BART and Marian models for the seq2seq tests."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-SEQ2SEQ_ARCHS = ("t5", "bart", "marian")
+SEQ2SEQ_ARCHS = ("t5", "mt5", "bart", "marian")
 
 
 def build_tiny_seq2seq(arch: str, vocab_size: int, seed: int = 0):
@@ -15,6 +15,8 @@ def build_tiny_seq2seq(arch: str, vocab_size: int, seed: int = 0):
         BartForConditionalGeneration,
         MarianConfig,
         MarianMTModel,
+        MT5Config,
+        MT5ForConditionalGeneration,
         T5Config,
         T5ForConditionalGeneration,
     )
@@ -22,8 +24,10 @@ def build_tiny_seq2seq(arch: str, vocab_size: int, seed: int = 0):
     torch.manual_seed(seed)
     # The BPE test tokenizer has one special token (id 0): pad, EOS and decoder start.
     special = {"pad_token_id": 0, "eos_token_id": 0, "decoder_start_token_id": 0}
-    if arch == "t5":
-        config = T5Config(
+    if arch in ("t5", "mt5"):
+        # mT5 is T5 v1.1's layout under its own classes (model_type "mt5").
+        config_class = MT5Config if arch == "mt5" else T5Config
+        config = config_class(
             vocab_size=vocab_size,
             d_model=32,
             d_kv=8,
@@ -38,6 +42,8 @@ def build_tiny_seq2seq(arch: str, vocab_size: int, seed: int = 0):
             initializer_factor=1.0,
             **special,
         )
+        if arch == "mt5":
+            return MT5ForConditionalGeneration(config).eval()
         return T5ForConditionalGeneration(config).eval()
     shape = dict(
         vocab_size=vocab_size,

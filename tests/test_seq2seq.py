@@ -147,7 +147,7 @@ def test_bad_input_is_a_clear_usage_error(one_export, tmp_path):
         export_model(hf, tmp_path / "x", quantize="int8")
     with pytest.raises(UsageError, match="empty"):
         generate_seq2seq(out, [""], provider="cpu")
-    if arch != "t5":  # learned / sinusoidal positions: a limit on the source
+    if arch not in ("t5", "mt5"):  # learned / sinusoidal positions: a limit on the source
         with pytest.raises(UsageError, match="encoder's limit of 128"):
             generate_seq2seq(out, ["word " * 300], provider="cpu")
     with pytest.raises(UsageError, match="--num-beams"):
@@ -259,3 +259,41 @@ def test_generation_config_rules_as_transformers(tokenizer, tmp_path_factory, tm
         assert [o.token_ids for o in got.outputs] == ref, beams
         assert all(o.token_ids[0] == 7 and 34 not in o.token_ids for o in got.outputs)
         assert all(len(o.token_ids) >= 5 for o in got.outputs)
+
+
+def test_generation_config_defaults_num_beams_no_repeat_as_transformers(
+    tokenizer, tmp_path_factory, tmp_path
+):
+    """num_beams, no_repeat_ngram_size and length_penalty from generation_config.json with no
+    --num-beams: equal to transformers' generate() with no arguments but the length; reported."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from llmtool.cli import app
+    from llmtool.seq2seq.generate import generate_seq2seq
+
+    hf, out, _ = tiny_seq2seq_export("bart", tokenizer, tmp_path_factory)
+    dirs = []
+    for src in (hf, out):
+        dst = shutil.copytree(src, tmp_path / src.name)
+        config = json.loads((dst / "generation_config.json").read_text())
+        config.update(num_beams=3, no_repeat_ngram_size=2, length_penalty=0.6)
+        (dst / "generation_config.json").write_text(json.dumps(config))
+        dirs.append(dst)
+    got = generate_seq2seq(dirs[1], SOURCES, max_new_tokens=12, provider="cpu")
+    ref = _reference(dirs[0], SOURCES, max_new_tokens=12)
+    assert [o.token_ids for o in got.outputs] == ref
+    # Greedy with the config's n-gram rule: transformers' num_beams=1 with the same config.
+    got1 = generate_seq2seq(dirs[1], SOURCES, max_new_tokens=12, num_beams=1, provider="cpu")
+    assert [o.token_ids for o in got1.outputs] == _reference(
+        dirs[0], SOURCES, max_new_tokens=12, num_beams=1
+    )
+    for o in (*got.outputs, *got1.outputs):
+        bigrams = list(zip(o.token_ids, o.token_ids[1:], strict=False))
+        assert len(bigrams) == len(set(bigrams))
+    res = CliRunner().invoke(
+        app, ["generate", str(dirs[1]), "-p", SOURCES[0], "--max-new-tokens", "12", "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "From generation_config.json: num_beams=3, no_repeat_ngram_size=2" in res.output

@@ -113,7 +113,8 @@ def beam_search(
         vocab = logits.shape[-1]
         logp = log_softmax(logits)
         if constraints is not None:
-            logp = constraints.apply(logp, cur_len, max_len)
+            history = running[:, :, :cur_len].reshape(batch * beams, cur_len)
+            logp = constraints.apply(logp, cur_len, max_len, history)
         scores = logp.reshape(batch, beams, vocab) + running_scores[:, :, None]
         scores = scores.reshape(batch, beams * vocab)
         top = _topk(scores, keep)  # [batch, keep]

@@ -2,8 +2,9 @@
 
 BART-style and Marian checkpoints ship generation configs that change every output: a forced
 first token (``forced_bos_token_id``), a forced EOS at the length limit (``forced_eos_token_id``),
-a minimum length before EOS (``min_length``, counted with the decoder start token) and banned
-tokens (``bad_words_ids``, e.g. Marian's pad). :class:`Constraints` applies them with
+a minimum length before EOS (``min_length``, counted with the decoder start token), banned
+tokens (``bad_words_ids``, e.g. Marian's pad) and no repeated n-grams (``no_repeat_ngram_size``,
+BART's 3). :class:`Constraints` applies them with
 transformers' maths (``generation/logits_process.py``): banned scores become ``-inf``, a forced
 token's score becomes 0 and every other ``-inf``. Greedy and sampled generation apply it to the
 logits (before any warper, as transformers does); beam search to the log-probabilities.
@@ -27,6 +28,7 @@ class Constraints:
         forced_eos: Token forced at the last step allowed by ``max_length`` (None: off).
         banned: Tokens never generated (single-token ``bad_words_ids``).
         eos: EOS ids (for ``min_length``).
+        no_repeat_ngram: n of ``no_repeat_ngram_size`` (0: off).
     """
 
     min_length: int = 0
@@ -34,6 +36,7 @@ class Constraints:
     forced_eos: int | None = None
     banned: tuple[int, ...] = field(default_factory=tuple)
     eos: tuple[int, ...] = field(default_factory=tuple)
+    no_repeat_ngram: int = 0
 
     @classmethod
     def of(cls, config: dict[str, Any], eos: list[int]) -> Constraints:
@@ -45,6 +48,7 @@ class Constraints:
             forced_eos=config.get("forced_eos_token_id"),
             banned=tuple(int(w[0]) for w in bad if isinstance(w, list) and len(w) == 1),
             eos=tuple(eos),
+            no_repeat_ngram=int(config.get("no_repeat_ngram_size") or 0),
         )
 
     @property
@@ -54,13 +58,35 @@ class Constraints:
             or self.forced_bos is not None
             or self.forced_eos is not None
             or self.banned
+            or self.no_repeat_ngram > 0
         )
 
-    def apply(self, scores: np.ndarray, cur_len: int, max_length: int) -> np.ndarray:
-        """``scores`` [rows, vocab] with the rules for a decoder holding ``cur_len`` tokens."""
+    def apply(
+        self,
+        scores: np.ndarray,
+        cur_len: int,
+        max_length: int,
+        history: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """``scores`` [rows, vocab] with the rules for a decoder holding ``cur_len`` tokens.
+
+        ``history`` [rows, cur_len] (start token first) is what ``no_repeat_ngram`` looks at.
+        """
         if not self.active:
             return scores
         scores = scores.copy()
+        n = self.no_repeat_ngram
+        if n > 0 and history is not None and cur_len + 1 >= n:
+            # transformers' NoRepeatNGramLogitsProcessor: a token that would complete an n-gram
+            # already in the row (its n - 1 last tokens seen before, followed by it) is banned.
+            for row, seq in enumerate(history[:, :cur_len].tolist()):
+                prefix = tuple(seq[cur_len - n + 1 :])
+                banned = [
+                    seq[i + n - 1]
+                    for i in range(cur_len - n + 1)
+                    if tuple(seq[i : i + n - 1]) == prefix
+                ]
+                scores[row, banned] = -np.inf
         if self.banned:
             scores[:, list(self.banned)] = -np.inf
         if cur_len < self.min_length and self.eos:

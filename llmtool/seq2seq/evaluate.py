@@ -8,12 +8,15 @@
   sacrebleu's defaults (corpus BLEU with its 13a tokenizer, chrF with n=6, beta=2) and its
   signature recorded, so scores compare with published ones.
 * Timing of that generation: encoder seconds, time to the first target token, decoder tok/s.
+* With ``throughput``, timed scenarios (:mod:`llmtool.seq2seq.throughput`); with ``baseline``,
+  the gate (:mod:`llmtool.seq2seq.gate`).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +26,16 @@ from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.evaluate.metrics import FidelityAccumulator, nll_summary, token_nll
 from llmtool.runtime.seq2seq import OnnxSeq2Seq
+from llmtool.seq2seq.gate import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    Seq2SeqTolerance,
+    compare_seq2seq,
+    read_seq2seq_baseline,
+)
 from llmtool.seq2seq.pairs import Pair, pairs_sha256, read_pairs, target_ids
 
 EVAL_BATCH = 8
-SCHEMA = "llmtool-seq2seq-eval"
 
 
 def _batches(items: list[Any], size: int) -> list[list[Any]]:
@@ -44,6 +53,16 @@ def target_nll(
     With ``fidelity`` (a PyTorch model and an accumulator), the reference's logits at the same
     positions are compared with the export's (KL, top-1, ΔPPL).
     """
+    return np.concatenate(pair_nlls(model, pairs, batch_size, fidelity))
+
+
+def pair_nlls(
+    model: OnnxSeq2Seq,
+    pairs: list[Pair],
+    batch_size: int = EVAL_BATCH,
+    fidelity: tuple[Any, FidelityAccumulator] | None = None,
+) -> list[np.ndarray]:
+    """Per pair, the [len(target)] NLL (nats) of its target tokens (see :func:`target_nll`)."""
     tok = model.tokenizer
     eos_ids = model.eos_token_ids()
     eos = eos_ids[0] if eos_ids else None
@@ -70,7 +89,7 @@ def target_nll(
             nll.append(token_nll(row, tgt))
             if fidelity is not None and refs is not None:
                 fidelity[1].add(row, refs[j], tgt)
-    return np.concatenate(nll)
+    return nll
 
 
 def _torch_logits(
@@ -133,6 +152,9 @@ def evaluate_seq2seq(
     batch_size: int = EVAL_BATCH,
     provider: str = defaults.PROVIDER,
     reference: str | Path | None = None,
+    baseline: str | Path | None = None,
+    tolerance: Seq2SeqTolerance | None = None,
+    throughput: dict[str, Any] | None = None,
     on_progress: Callable[[str, int, int], None] | None = None,
 ) -> dict[str, Any]:
     """Score an encoder-decoder export on a pairs file.
@@ -149,17 +171,27 @@ def evaluate_seq2seq(
         provider: ``auto``, ``cuda`` or ``cpu`` (when ``model`` is a directory).
         reference: A PyTorch encoder-decoder directory scored on the same tokens: the record
             gets ``fidelity`` (ΔPPL, ln(PPL/PPL_ref), KL divergence, top-1 agreement).
+        baseline: An earlier record (its ``--json`` file): the record gets ``gate``
+            (:func:`llmtool.seq2seq.gate.compare_seq2seq`; ``gate["passed"]`` says if it passed).
+        tolerance: What that gate lets pass (default: :class:`Seq2SeqTolerance`'s).
+        throughput: Keyword arguments of
+            :func:`llmtool.seq2seq.throughput.seq2seq_throughput` (``{}``: its defaults): the
+            record gets ``throughput`` (medians over repeats per scenario). None: not timed.
         on_progress: Called as ``(what, done, total)``.
 
     Returns:
         The record: ``perplexity`` (with ``standard_error`` and ``perplexity_ci``), ``tokens``,
-        ``pairs``, ``data_sha256`` and, with ``generate``, ``bleu``, ``chrf`` and ``timing``.
-    """
-    from llmtool.seq2seq.generate import generate_seq2seq
+        ``pairs``, ``data_sha256``, ``pair_nll`` / ``pair_tokens`` (per-pair NLL sums and
+        target lengths, the gate's pairing unit) and, with ``generate``, ``bleu``, ``chrf`` and
+        ``timing``.
 
+    Raises:
+        UsageError: Bad pairs, or a baseline that is not comparable (exit code 2).
+    """
     if not isinstance(model, OnnxSeq2Seq):
         model = OnnxSeq2Seq(model, provider)
     pairs = read_pairs(data, source_field, target_field)
+    old = read_seq2seq_baseline(baseline) if baseline is not None else None
     progress = on_progress or (lambda what, done, total: None)
     progress("Scoring targets", 0, len(pairs))
     fidelity = None
@@ -168,9 +200,11 @@ def evaluate_seq2seq(
         from llmtool.models.seq2seq import load_seq2seq
 
         fidelity = (load_seq2seq(resolve_spec(reference)).model, FidelityAccumulator())
-    nll = target_nll(model, pairs, batch_size, fidelity)
+    per_pair = pair_nlls(model, pairs, batch_size, fidelity)
+    nll = np.concatenate(per_pair)
     record: dict[str, Any] = {
         "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
         "model": str(model.directory),
         "model_type": model.manifest.get("model_type"),
         "data": str(data),
@@ -178,11 +212,39 @@ def evaluate_seq2seq(
         "pairs": len(pairs),
         "tokens": len(nll),
         **nll_summary(nll),
+        "pair_nll": [float(x.sum(dtype=np.float64)) for x in per_pair],
+        "pair_tokens": [len(x) for x in per_pair],
     }
     if fidelity is not None:
         record["fidelity"] = {"reference": str(reference), **fidelity[1].report().to_dict()}
-    if not generate:
-        return record
+    if generate:
+        record.update(_generation(model, pairs, num_beams, max_new_tokens, batch_size, progress))
+    if throughput is not None:
+        from llmtool.seq2seq.throughput import seq2seq_throughput
+
+        record["throughput"] = seq2seq_throughput(model, pairs, on_progress=progress, **throughput)
+    if old is not None:
+        rows = compare_seq2seq(old, record, tolerance or Seq2SeqTolerance(), baseline)
+        record["gate"] = {
+            "baseline": str(baseline),
+            "passed": not any(r.status == "worse" for r in rows),
+            "rows": [asdict(r) for r in rows],
+        }
+    return record
+
+
+def _generation(
+    model: OnnxSeq2Seq,
+    pairs: list[Pair],
+    num_beams: int,
+    max_new_tokens: int,
+    batch_size: int,
+    progress: Callable[[str, int, int], None],
+) -> dict[str, Any]:
+    """Generate every target: BLEU, chrF, timing and the hypotheses, as record keys."""
+    from llmtool.seq2seq.generate import generate_seq2seq
+
+    record: dict[str, Any] = {}
     hypotheses: list[str] = []
     encoder_s = first_s = decode_s = 0.0
     decode_tokens = 0
@@ -201,6 +263,7 @@ def evaluate_seq2seq(
     record.update(translation_scores(hypotheses, [p.target for p in pairs]))
     batches = len(_batches(pairs, batch_size))
     record["num_beams"] = num_beams
+    record["max_new_tokens"] = max_new_tokens
     record["timing"] = {
         "encoder_s_per_batch": encoder_s / batches,
         "ttft_s_per_batch": first_s / batches if num_beams == 1 else None,

@@ -53,22 +53,58 @@ class ConstrainedDecoder(Decoder):
         self.inner, self.constraints = inner, constraints
         self.max_length = 1 + max_new_tokens  # the decoder start token counts, as in transformers
         self.cur_len = 1
+        self.history: np.ndarray | None = None  # [rows, cur_len]: start token + tokens fed
 
     def _step(self, step: Step) -> Step:
-        logits = self.constraints.apply(step.logits(), self.cur_len, self.max_length)
+        logits = self.constraints.apply(step.logits(), self.cur_len, self.max_length, self.history)
         self.cur_len += 1
         return Step(logits)
 
     def prefill(self, rows: Any) -> Step:
+        start = self.inner.model.decoder_start_token_id
+        self.history = np.full((len(rows), 1), start, dtype=np.int64)
         return self._step(self.inner.prefill(rows))
 
     def step(self, tokens: np.ndarray) -> Step:
+        if self.history is not None:
+            fed = np.asarray(tokens, dtype=np.int64).reshape(len(self.history), 1)
+            self.history = np.concatenate([self.history, fed], axis=1)
         return self._step(self.inner.step(tokens))
 
 
 def constraints_of(model: OnnxSeq2Seq) -> Constraints:
     """The export's generation-config rules (forced / banned tokens, minimum length)."""
     return Constraints.of(model.generation_config, model.eos_token_ids())
+
+
+def config_defaults(model: OnnxSeq2Seq) -> dict[str, Any]:
+    """The generation-config settings ``generate`` applies without being asked, for the report."""
+    config = model.generation_config
+    keys = (
+        "num_beams",
+        "no_repeat_ngram_size",
+        "length_penalty",
+        "early_stopping",
+        "min_length",
+        "forced_bos_token_id",
+        "forced_eos_token_id",
+        "bad_words_ids",
+    )
+    return {k: config[k] for k in keys if config.get(k) not in (None, 0, [], False)}
+
+
+def default_beams(model: OnnxSeq2Seq, sampling: SamplingConfig, stop: StopConditions) -> int:
+    """The generation config's ``num_beams`` when the request is a plain search, else 1.
+
+    transformers would run a beam *sampling* for ``do_sample`` with ``num_beams`` > 1; llmtool
+    has no beam sampling, so sampling, stop strings and structured output keep one beam.
+    """
+    plain = (
+        sampling.strategy == "greedy" and not sampling.has_processors and not sampling.structured
+    )
+    if not plain or stop.stop or stop.max_time is not None:
+        return 1
+    return max(1, int(model.generation_config.get("num_beams") or 1))
 
 
 def beam_defaults(model: OnnxSeq2Seq) -> tuple[float, bool | str]:
@@ -111,7 +147,7 @@ def generate_seq2seq(
     *,
     max_new_tokens: int = defaults.MAX_NEW_TOKENS,
     sampling: SamplingConfig | None = None,
-    num_beams: int = 1,
+    num_beams: int | None = None,
     length_penalty: float | None = None,
     early_stopping: bool | str | None = None,
     provider: str = defaults.PROVIDER,
@@ -126,7 +162,8 @@ def generate_seq2seq(
         sources: Source texts; all run as one batch.
         max_new_tokens: Upper bound on target tokens (EOS included).
         sampling: Token choice for ``num_beams == 1``; greedy by default.
-        num_beams: Beam search with this many beams when > 1 (as transformers' ``num_beams``).
+        num_beams: Beam search with this many beams when > 1 (as transformers' ``num_beams``;
+            default: the generation config's for a plain search, see :func:`default_beams`).
         length_penalty: Beam search's length exponent (default: the generation config's, else 1).
         early_stopping: Beam search's stop rule (default: the generation config's, else False).
         provider: ``auto``, ``cuda`` or ``cpu`` (when ``model`` is a directory).
@@ -140,6 +177,10 @@ def generate_seq2seq(
     sampling = sampling or SamplingConfig()
     stop = stop or StopConditions()
     stop.validate()
+    if not isinstance(model, OnnxSeq2Seq):
+        model = OnnxSeq2Seq(model, provider, options=session_options)
+    if num_beams is None:
+        num_beams = default_beams(model, sampling, stop)
     if num_beams < 1:
         raise UsageError(f"--num-beams must be at least 1, got {num_beams}")
     if num_beams > 1 and (sampling.strategy != "greedy" or sampling.has_processors):
@@ -152,8 +193,6 @@ def generate_seq2seq(
             "--stop, --max-time and structured output need --num-beams 1",
             "drop them or use --num-beams 1.",
         )
-    if not isinstance(model, OnnxSeq2Seq):
-        model = OnnxSeq2Seq(model, provider, options=session_options)
     check_target_length(model, max_new_tokens)
     rows = tokenize_sources(model, sources)
     if num_beams > 1:

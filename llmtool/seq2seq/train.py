@@ -28,28 +28,9 @@ from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.seq2seq.batches import encode_pairs, exact_match, make_batch, val_loss
 from llmtool.seq2seq.pairs import Pair, read_pairs
+from llmtool.seq2seq.presets import PRESETS, SEQ2SEQ_ARCHS, Seq2SeqPreset, build_seq2seq
 
-SEQ2SEQ_ARCHS = ("t5", "bart")
-
-
-@dataclass(frozen=True)
-class Seq2SeqPreset:
-    """Model size and schedule of a seq2seq preset."""
-
-    d_model: int = 64
-    layers: int = 2
-    heads: int = 4
-    ffn: int = 256
-    vocab_size: int = 512
-    max_positions: int = 256
-    steps: int = 1500
-    batch_size: int = 64
-    lr: float = 3e-3
-    warmup_steps: int = 100
-    eval_every: int = 100
-
-
-PRESETS = {"tiny": Seq2SeqPreset()}
+__all__ = ["PRESETS", "SEQ2SEQ_ARCHS", "Seq2SeqPreset", "Seq2SeqTrainOptions", "build_seq2seq"]
 
 
 @dataclass(frozen=True)
@@ -66,55 +47,7 @@ class Seq2SeqTrainOptions:
     seed: int = defaults.SEED
     max_eval_pairs: int = 200
     threads: int | None = None
-
-
-def build_seq2seq(arch: str, preset: Seq2SeqPreset, vocab_size: int, special: int) -> Any:
-    """A freshly initialized transformers model of ``arch`` (special token = pad, EOS, start)."""
-    from transformers import (
-        BartConfig,
-        BartForConditionalGeneration,
-        T5Config,
-        T5ForConditionalGeneration,
-    )
-
-    ids: dict[str, Any] = {
-        "pad_token_id": special,
-        "eos_token_id": special,
-        "decoder_start_token_id": special,
-    }
-    if arch == "t5":
-        config: Any = T5Config(  # type: ignore[call-arg]
-            vocab_size=vocab_size,
-            d_model=preset.d_model,
-            d_kv=preset.d_model // preset.heads,
-            d_ff=preset.ffn,
-            num_layers=preset.layers,
-            num_decoder_layers=preset.layers,
-            num_heads=preset.heads,
-            feed_forward_proj="gated-gelu",
-            tie_word_embeddings=False,
-            dropout_rate=0.0,
-            **ids,
-        )
-        return T5ForConditionalGeneration(config)
-    config = BartConfig(
-        vocab_size=vocab_size,
-        d_model=preset.d_model,
-        encoder_layers=preset.layers,
-        decoder_layers=preset.layers,
-        encoder_attention_heads=preset.heads,
-        decoder_attention_heads=preset.heads,
-        encoder_ffn_dim=preset.ffn,
-        decoder_ffn_dim=preset.ffn,
-        max_position_embeddings=preset.max_positions,
-        dropout=0.0,
-        attention_dropout=0.0,
-        activation_dropout=0.0,
-        bos_token_id=special,
-        forced_eos_token_id=None,
-        **ids,
-    )
-    return BartForConditionalGeneration(config)
+    checkpoint_every: int | None = None
 
 
 def check_options(options: Seq2SeqTrainOptions) -> Seq2SeqPreset:
@@ -131,7 +64,7 @@ def check_options(options: Seq2SeqTrainOptions) -> Seq2SeqPreset:
         raise UsageError(f"Unknown preset {options.preset!r} for {options.arch}", "use tiny.")
     if not 0.0 < options.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be in (0, 1), got {options.val_fraction}")
-    for name in ("steps", "batch_size", "eval_every"):
+    for name in ("steps", "batch_size", "eval_every", "checkpoint_every"):
         value = getattr(options, name)
         if value is not None and value < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -145,36 +78,48 @@ def train_seq2seq(
     *,
     device: str = defaults.TRAIN_DEVICE,
     force: bool = False,
+    resume: bool = False,
     on_stage: Callable[[str], None] | None = None,
     on_step: Callable[[Any], None] | None = None,
 ) -> dict[str, Any]:
     """Train a T5 or BART on a pairs file; write a Hugging Face directory ``out``.
 
+    With ``options.checkpoint_every`` the run saves checkpoints under ``out/checkpoints``
+    (:mod:`llmtool.seq2seq.checkpoint`); ``resume`` continues the newest one with its own
+    options (those passed are ignored) and ends with the losses an uninterrupted run has.
+
     Returns:
         The metrics written to ``out/train_metrics.json`` (curve, exact match, timing).
 
     Raises:
-        UsageError: Bad data or options, or an existing ``out`` without ``force``.
+        UsageError: Bad data or options, an existing ``out`` without ``force``, or
+            ``resume`` without a seq2seq checkpoint on these pairs.
     """
     import torch
 
     from llmtool.fsutil import check_output_dir
     from llmtool.models.loading import quiet_transformers
+    from llmtool.train.checkpoint import latest_checkpoint, load_checkpoint
     from llmtool.train.options import resolve_device
 
     options = options or Seq2SeqTrainOptions()
+    out = Path(out).expanduser()
+    path = latest_checkpoint(out) if resume else None
+    if resume and path is not None:
+        saved = load_checkpoint(path).data.get("options") or {}
+        options = Seq2SeqTrainOptions(**{k: v for k, v in saved.items() if k != "threads"})
     preset = check_options(options)
     stage = on_stage or (lambda text: None)
     quiet_transformers()
-    out = Path(out).expanduser()
-    check_output_dir(out, force=force)
+    if not resume:
+        check_output_dir(out, force=force)
     dev = resolve_device(device)
     threads = torch.get_num_threads()
     # A tiny model's ops are too small to split: on a shared 2-core CPU, 2 intra-op threads made
     # a step 38x slower than 1 (threads spinning for each other), so CPU runs default to one.
     torch.set_num_threads(options.threads or (1 if dev.type == "cpu" else threads))
     try:
-        return _train(data, out, options, preset, dev, force, stage, on_step)
+        return _train(data, out, options, preset, dev, (force, resume), stage, on_step)
     finally:
         torch.set_num_threads(threads)
 
@@ -185,7 +130,7 @@ def _train(
     options: Seq2SeqTrainOptions,
     preset: Seq2SeqPreset,
     dev: Any,
-    force: bool,
+    flags: tuple[bool, bool],
     stage: Callable[[str], None],
     on_step: Callable[[Any], None] | None,
 ) -> dict[str, Any]:
@@ -193,22 +138,19 @@ def _train(
     import torch
 
     from llmtool.fsutil import atomic_directory
+    from llmtool.seq2seq import checkpoint as ckpt
+    from llmtool.seq2seq.pairs import pairs_sha256
     from llmtool.train.options import autocast_dtype
-    from llmtool.train.tokenizer import train_bpe_tokenizer
 
+    force, resume = flags
     amp = autocast_dtype(dev)
     wall = time.perf_counter()
     pairs = read_pairs(data)
-    rng = np.random.default_rng(options.seed)
-    order = rng.permutation(len(pairs))
-    n_val = max(1, round(len(pairs) * options.val_fraction))
-    if len(pairs) - n_val < 1:
-        raise UsageError(f"{data} has too few pairs to hold some out", "give at least two pairs.")
-    val_pairs = [pairs[i] for i in order[:n_val]]
-    train_pairs = [pairs[i] for i in order[n_val:]]
-    stage("Training the tokenizer")
-    texts = [p.source for p in pairs] + [p.target for p in pairs]
-    tokenizer = train_bpe_tokenizer(texts, vocab_size=preset.vocab_size)
+    sha = pairs_sha256(pairs)
+    resumed = ckpt.find_resume(out, sha) if resume else None
+    rng, train_pairs, val_pairs, tokenizer = _prepare(
+        data, pairs, out, options, preset, resumed is not None, stage
+    )
     special = int(tokenizer.eos_token_id)
     train_rows = encode_pairs(tokenizer, train_pairs, special, preset.max_positions)
     val_rows = encode_pairs(tokenizer, val_pairs, special, preset.max_positions)
@@ -221,11 +163,22 @@ def _train(
     lr = options.lr or preset.lr
     optimizer, scheduler = _optimizer(model, lr, preset.warmup_steps, steps, dev)
     n_params = sum(p.numel() for p in model.parameters())
-    stage(f"Training {options.arch} ({n_params:,} parameters) on {dev.type}")
+    state = ckpt.LoopState()
+    if resumed is not None:
+        state = ckpt.restore(resumed, model, optimizer, scheduler, rng)
+        stage(f"Resuming {options.arch} at step {state.step} of {steps}")
+    else:
+        stage(f"Training {options.arch} ({n_params:,} parameters) on {dev.type}")
+
+    def save(s: ckpt.LoopState) -> None:
+        record = {"format": 1, "options": asdict(options), "data_sha256": sha}
+        ckpt.save(out, model, optimizer, scheduler, rng, s, record)
+
     curve, train_seconds, tokens = _loop(
         model,
         optimizer,
         scheduler,
+        (state, options.checkpoint_every, save),
         train_rows,
         val_rows,
         special,
@@ -258,12 +211,44 @@ def _train(
         "curve": curve,
     }
     stage("Writing the model")
-    with atomic_directory(out, force=force) as tmp:
+    # A checkpointed run's out (tokenizer, checkpoints) is replaced whole by the final model.
+    with atomic_directory(out, force=force or bool(options.checkpoint_every)) as tmp:
         model.to("cpu").save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         (tmp / "train_metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def _prepare(
+    data: str | Path,
+    pairs: list[Pair],
+    out: Path,
+    options: Seq2SeqTrainOptions,
+    preset: Seq2SeqPreset,
+    resumed: bool,
+    stage: Callable[[str], None],
+) -> tuple[np.random.Generator, list[Pair], list[Pair], Any]:
+    """The seeded generator, the train / held-out split and the tokenizer (read back on resume)."""
+    from llmtool.seq2seq import checkpoint as ckpt
+    from llmtool.train.tokenizer import load_tokenizer_dir, train_bpe_tokenizer
+
+    rng = np.random.default_rng(options.seed)
+    order = rng.permutation(len(pairs))
+    n_val = max(1, round(len(pairs) * options.val_fraction))
+    if len(pairs) - n_val < 1:
+        raise UsageError(f"{data} has too few pairs to hold some out", "give at least two pairs.")
+    val_pairs = [pairs[i] for i in order[:n_val]]
+    train_pairs = [pairs[i] for i in order[n_val:]]
+    if resumed:
+        tokenizer = load_tokenizer_dir(out)
+    else:
+        stage("Training the tokenizer")
+        texts = [p.source for p in pairs] + [p.target for p in pairs]
+        tokenizer = train_bpe_tokenizer(texts, vocab_size=preset.vocab_size)
+        if options.checkpoint_every:
+            ckpt.start_run(out, tokenizer)
+    return rng, train_pairs, val_pairs, tokenizer
 
 
 def _optimizer(model: Any, lr: float, warmup: int, steps: int, device: Any) -> tuple[Any, Any]:
@@ -290,6 +275,7 @@ def _loop(
     model: Any,
     optimizer: Any,
     scheduler: Any,
+    resume: tuple[Any, int | None, Callable[[Any], None]],
     train_rows: list[tuple[list[int], list[int]]],
     val_rows: list[tuple[list[int], list[int]]],
     special: int,
@@ -300,23 +286,30 @@ def _loop(
     probe: tuple[Any, list[Pair]],
     on_step: Callable[[Any], None] | None,
 ) -> tuple[list[dict[str, Any]], float, int]:
-    """The optimizer steps; returns the curve (val loss and exact match on ``probe``), time, tokens."""
+    """The optimizer steps; returns the curve (val loss and exact match on ``probe``), time, tokens.
+
+    ``resume`` is the :class:`~llmtool.seq2seq.checkpoint.LoopState` to start from, the steps
+    between checkpoints (None: none) and the function that saves one.
+    """
     import torch
 
     from llmtool.train.metrics import TrainProgress
 
     steps, batch_size, eval_every = sizes
-    curve: list[dict[str, Any]] = [
-        {
-            "step": 0,
-            "train_loss": None,
-            "val_loss": val_loss(model, val_rows, special, dev),
-            "exact_match": 0.0,
-            "train_seconds": 0.0,
-        }
-    ]
-    train_seconds, tokens, since = 0.0, 0, []
-    for step in range(1, steps + 1):
+    state, checkpoint_every, save = resume
+    if state.step == 0:
+        state.curve = [
+            {
+                "step": 0,
+                "train_loss": None,
+                "val_loss": val_loss(model, val_rows, special, dev),
+                "exact_match": 0.0,
+                "train_seconds": 0.0,
+            }
+        ]
+    curve: list[dict[str, Any]] = state.curve
+    train_seconds, tokens, since = state.train_seconds, state.tokens, state.since
+    for step in range(state.step + 1, steps + 1):
         start = time.perf_counter()
         picked = rng.integers(0, len(train_rows), batch_size)
         batch = {
@@ -344,6 +337,11 @@ def _loop(
                 }
             )
             since = []
+        checkpointed = (
+            checkpoint_every is not None and step % checkpoint_every == 0 and step < steps
+        )
+        if checkpointed:
+            save(type(state)(step, curve, train_seconds, tokens, since))
         if on_step is not None:
             on_step(
                 TrainProgress(
@@ -354,7 +352,7 @@ def _loop(
                     val_perplexity=math.exp(min(curve[-1]["val_loss"], 700.0)),
                     tokens_per_s=tokens / max(train_seconds, 1e-9),
                     evaluated=evaluated,
-                    checkpointed=False,
+                    checkpointed=checkpointed,
                 )
             )
     return curve, train_seconds, tokens
