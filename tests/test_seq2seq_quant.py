@@ -62,6 +62,26 @@ def test_quantized_export_passes_gate_and_generates(arch, mode, exact, tokenizer
         assert "MatMulNBits" in ops, name
         nbits = [n for n in onnx.load(str(out / name)).graph.node if n.op_type == "MatMulNBits"]
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {int(mode[3:])}
+    # Tied / shared weights: the LM head is its own quantized MatMul [d, vocab], the token
+    # embedding (shared with the encoder, tied to the head) stays an fp32 Gather table.
+    graph = onnx.load(str(out / "decoder_model.onnx")).graph
+    heads = [
+        n
+        for n in graph.node
+        if n.op_type == "MatMulNBits"
+        and any(a.name == "N" and a.i == len(tokenizer) for a in n.attribute)
+    ]
+    tables = {i.name: i for i in graph.initializer}
+    gathers = [
+        tables[n.input[0]]
+        for n in graph.node
+        if n.op_type == "Gather"
+        and n.input[0] in tables
+        and tables[n.input[0]].dims[0] == len(tokenizer)
+    ]
+    assert (
+        len(heads) == 1 and gathers and all(t.data_type == onnx.TensorProto.FLOAT for t in gathers)
+    )
     # The fp32 parity figures are still measured and recorded, not gated.
     assert manifest["validation"]["gate"] is False and manifest["validation"]["batch"] == 2
     got = generate_seq2seq(out, SOURCES[:2], max_new_tokens=8, provider="cpu")
