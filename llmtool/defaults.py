@@ -66,6 +66,9 @@ QUANT_BLOCK_SIZE = 32
 QUANT_MAX_RELATIVE_DELTA_PPL = {"int8": 0.01, "int4": 0.05}
 # Windows of the fidelity check on the calibration text.
 QUANT_CALIBRATION_LENGTH = 256
+# Encoder-decoder gate: calibration sentences, and the fp32 model's greedy target tokens for each.
+SEQ2SEQ_CALIBRATION_PAIRS = 8
+SEQ2SEQ_CALIBRATION_TARGET_TOKENS = 16
 
 # Text shipped with llmtool: the demo's perplexity data and the default calibration text.
 SAMPLE_TEXT = str(Path(__file__).resolve().parent / "data" / "sample.txt")

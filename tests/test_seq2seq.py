@@ -141,10 +141,10 @@ def test_bad_input_is_a_clear_usage_error(one_export, tmp_path):
     from llmtool.seq2seq.generate import generate_seq2seq
 
     arch, hf, out, _ = one_export
-    with pytest.raises(UsageError, match="fp32 only"):
+    with pytest.raises(UsageError, match="fp16"):
         export_model(hf, tmp_path / "x", dtype="fp16")
-    with pytest.raises(UsageError, match="--quantize"):
-        export_model(hf, tmp_path / "x", quantize="int8")
+    with pytest.raises(UsageError, match="--block-size"):
+        export_model(hf, tmp_path / "x", quantize="int8", block_size=24)
     with pytest.raises(UsageError, match="empty"):
         generate_seq2seq(out, [""], provider="cpu")
     if arch not in ("t5", "mt5"):  # learned / sinusoidal positions: a limit on the source

@@ -280,6 +280,9 @@ def export_model(
         "opset": opset,
         "fused": fused,
         "quantize": quantize,
+        "block_size": block_size,
+        "symmetric": symmetric,
+        "calibration": calibration,
         "force": force,
     }
     if wants_seq2seq(model):
@@ -290,9 +293,6 @@ def export_model(
         model,
         out,
         **common,
-        block_size=block_size,
-        symmetric=symmetric,
-        calibration=calibration,
         layout=layout,
     )
     seconds: dict[str, float] = {}

@@ -56,32 +56,36 @@ def wants_seq2seq(model: str | Path) -> bool:
     return isinstance(config, dict) and bool(config.get("is_encoder_decoder"))
 
 
-def check_seq2seq_options(dtype: str, opset: int, fused: bool, quantize: str | None) -> None:
+def check_seq2seq_options(
+    dtype: str, opset: int, fused: bool, quantize: str | None, block_size: int = 32
+) -> None:
     """Refuse the export variants an encoder-decoder cannot have yet, before loading anything.
 
     Raises:
-        UsageError: fp16, ``--fused``, ``--quantize`` or an opset outside 17-21.
+        UsageError: fp16, ``--fused``, a bad ``--quantize`` / ``--block-size`` or an opset
+            outside 17-21.
     """
+    from llmtool.export.quantize import check_quantize_options
+
     if dtype != "fp32":
         raise UsageError(
-            "Encoder-decoder exports are fp32 only for now", "drop --dtype or use --dtype fp32."
+            "Encoder-decoder exports have fp32 weights only for now (no fp16 graph yet)",
+            "drop --dtype, or use --quantize int8 / int4 for a smaller export.",
         )
     if fused:
         raise UsageError(
             "--fused is not available for encoder-decoder models", "export without --fused."
         )
-    if quantize:
-        raise UsageError(
-            "--quantize is not available for encoder-decoder models yet",
-            "export without --quantize.",
-        )
+    check_quantize_options(quantize, block_size)
     if not MIN_OPSET <= opset <= MAX_OPSET:
         raise UsageError(
             f"Opset {opset} is not supported", f"use an opset from {MIN_OPSET} to {MAX_OPSET}."
         )
 
 
-def _manifest(tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int) -> dict[str, Any]:
+def _manifest(
+    tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int, quantize: str | None
+) -> dict[str, Any]:
     """llmtool.json of the traced graphs (validation is added after it runs)."""
     from llmtool.export.seq2seq import DECODER_FILE, ENCODER_FILE, Seq2SeqDims, cache_entries
     from llmtool.manifest import FORMAT, FORMAT_VERSION, file_record, tool_versions
@@ -109,6 +113,7 @@ def _manifest(tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int) -> dic
         "layout": "standard",
         "padding": "right",
         "dtype": "fp32",
+        "weights": quantize or "fp32",
         "opset": opset,
         "model_file": DECODER_FILE,
         "graphs": graphs,
@@ -129,6 +134,9 @@ def export_seq2seq(
     opset: int = defaults.OPSET,
     fused: bool = False,
     quantize: str | None = None,
+    block_size: int = defaults.QUANT_BLOCK_SIZE,
+    symmetric: bool = False,
+    calibration: str | Path | None = None,
     force: bool = False,
     allow_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
@@ -141,28 +149,39 @@ def export_seq2seq(
         dtype: ``fp32`` (the only one for now).
         opset: ONNX opset (17-21).
         fused: Refused (no fused encoder-decoder graph).
-        quantize: Refused (no quantized encoder-decoder graph yet).
+        quantize: ``int8`` or ``int4``: both graphs' MatMul weights in blocks (ONNX Runtime's
+            quantizer, see :mod:`llmtool.seq2seq.quantize`), gated on fidelity to fp32.
+        block_size: Quantization block length.
+        symmetric: int4 without zero points.
+        calibration: Text whose sentences are the gate's sources (default: the shipped text).
         force: Replace an existing ``out``.
         allow_pickle: Accept pickle weights.
         on_stage: Called with a short description as each stage starts.
 
     Raises:
         UsageError: Bad input; nothing is written.
-        ValidationError: The graphs do not match PyTorch; nothing is written.
+        ValidationError: The graphs do not match PyTorch, or the quantized ones drift too far
+            from fp32; nothing is written.
     """
-    from llmtool.export.seq2seq import check_seq2seq_supported, export_seq2seq_graphs
+    from llmtool.export.seq2seq import (
+        DECODER_FILE,
+        ENCODER_FILE,
+        check_seq2seq_supported,
+        export_seq2seq_graphs,
+    )
     from llmtool.fsutil import atomic_directory, check_output_dir
     from llmtool.manifest import write_manifest
     from llmtool.models.loading import read_config, resolve_spec
     from llmtool.models.seq2seq import load_seq2seq
     from llmtool.runtime.seq2seq import OnnxSeq2Seq
+    from llmtool.seq2seq.quantize import quantize_graphs
     from llmtool.seq2seq.validate import failure_reason, validate_seq2seq
 
     def stage(text: str) -> None:
         if on_stage is not None:
             on_stage(text)
 
-    check_seq2seq_options(dtype, opset, fused, quantize)
+    check_seq2seq_options(dtype, opset, fused, quantize, block_size)
     out = Path(out)
     spec = resolve_spec(model)
     check_output_dir(out, force=force, source=spec.path)
@@ -171,13 +190,7 @@ def export_seq2seq(
     stage(f"Loading {spec.display}")
     with timed(seconds, "load"):
         loaded = load_seq2seq(spec, allow_pickle=allow_pickle)
-    weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
-    if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD:
-        raise UsageError(
-            f"{spec.display} has {weight_bytes / 2**30:.1f} GiB of fp32 weights; encoder-decoder "
-            "graphs over 2 GB (external data) are not supported yet",
-            "export a smaller model (T5-base and BART-large fit).",
-        )
+    _check_size(loaded, spec.display)
     with atomic_directory(out, force=force) as tmp:
         stage("Tracing the encoder and decoder graphs")
         with timed(seconds, "build"):
@@ -185,18 +198,74 @@ def export_seq2seq(
             loaded.config.save_pretrained(tmp)
             loaded.generation_config.save_pretrained(tmp)
             loaded.tokenizer.save_pretrained(tmp)
-            manifest = _manifest(tmp, loaded, graphs, opset)
+            if quantize:
+                quantize_graphs(tmp, [ENCODER_FILE, DECODER_FILE], quantize, block_size, symmetric)
+            manifest = _manifest(tmp, loaded, graphs, opset, quantize)
             write_manifest(tmp, manifest)
         stage("Validating ONNX Runtime (CPU) against PyTorch")
         with timed(seconds, "validate"):
             session = OnnxSeq2Seq(tmp, "cpu", verify=False)
             report = validate_seq2seq(session, loaded.model, loaded.tokenizer)
-            del session
         manifest["validation"] = report
-        if not report["passed"]:
+        if quantize:
+            # Quantized weights cannot meet fp32 parity: recorded, the fidelity gate decides.
+            report["gate"] = False
+            stage(f"Measuring the {quantize} export's fidelity to fp32")
+            with timed(seconds, "quantize"):
+                _check_quantized(
+                    session, loaded, manifest, quantize, block_size, symmetric, calibration
+                )
+        elif not report["passed"]:
             raise ValidationError(
                 f"Export validation failed: {failure_reason(report)}; nothing was written",
                 "report this model as a bug, with the figures above.",
             )
+        del session
         write_manifest(tmp, manifest)
     return Seq2SeqExportResult(out.resolve(), manifest, seconds)
+
+
+def _check_quantized(
+    session: Any,
+    loaded: Any,
+    manifest: dict[str, Any],
+    quantize: str,
+    block_size: int,
+    symmetric: bool,
+    calibration: str | Path | None,
+) -> None:
+    """Record the quantization and gate the export's fidelity to the fp32 PyTorch model.
+
+    Raises:
+        ValidationError: The relative ΔPPL exceeds the mode's limit or a logit is not finite.
+    """
+    from llmtool.seq2seq.quantize import describe, seq2seq_fidelity
+
+    manifest["quantization"] = describe(quantize, block_size, symmetric)
+    f = seq2seq_fidelity(session, loaded.model, loaded.tokenizer, quantize, calibration)
+    manifest["fidelity"] = f
+    if not f["passed"]:
+        raise ValidationError(
+            f"The {quantize} encoder-decoder export drifts too far from fp32: ΔPPL "
+            f"{100 * f['relative_delta_perplexity']:+.2f}% (limit "
+            f"{100 * f['max_relative_delta_perplexity']:.0f}%), {f['nonfinite_logits']} non-finite "
+            "logits; nothing was written",
+            "export fp32, or try a smaller --block-size."
+            if quantize == "int8"
+            else "try --quantize int8, a smaller --block-size, or int4 without --symmetric.",
+        )
+
+
+def _check_size(loaded: Any, display: str) -> None:
+    """Refuse a model whose fp32 graphs would need external data (over 2 GB).
+
+    Raises:
+        UsageError: The fp32 weights exceed :data:`~llmtool.defaults.EXTERNAL_DATA_THRESHOLD`.
+    """
+    weight_bytes = 4 * sum(p.numel() for p in loaded.model.parameters())
+    if weight_bytes > defaults.EXTERNAL_DATA_THRESHOLD:
+        raise UsageError(
+            f"{display} has {weight_bytes / 2**30:.1f} GiB of fp32 weights; encoder-decoder "
+            "graphs over 2 GB (external data) are not supported yet",
+            "export a smaller model (T5-base and BART-large fit).",
+        )

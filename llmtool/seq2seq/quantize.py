@@ -1,0 +1,161 @@
+"""int8 / int4 encoder-decoder exports: ONNX Runtime's MatMulNBits quantizer and the fidelity gate.
+
+The traced graphs (:mod:`llmtool.export.seq2seq`) are rewritten in place by ONNX Runtime's own
+``MatMulNBitsQuantizer``: every ``MatMul`` whose weight is an initializer (the attention and
+feed-forward projections of both graphs and the LM head) becomes a ``MatMulNBits`` with
+``bits`` 8 or 4 in blocks of ``block_size`` along the input dimension, ``accuracy_level`` 4 (int8
+activations per block, as the decoder-only exports). Embeddings (Gather) stay fp32. Tied weights
+need no care: the tracer folds the LM head's transposed copy of the shared embedding into its own
+initializer, so quantizing the head leaves the embedding's Gather untouched.
+
+The gate: the quantized export against the fp32 PyTorch model, teacher-forced on calibration
+pairs. Sources are the sentences of the calibration text (default: the text shipped with
+llmtool); each target is the fp32 model's own greedy output for its source (no download, and a
+target the model finds likely, as a translation user's would be). Both score the same target
+tokens; ΔPPL, KL and top-1 agreement come from
+:class:`~llmtool.evaluate.metrics.FidelityAccumulator`, and the relative ΔPPL must stay within
+:data:`~llmtool.defaults.QUANT_MAX_RELATIVE_DELTA_PPL` for the mode, as for decoders.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from llmtool import defaults
+from llmtool.errors import UsageError
+
+BITS = {"int8": 8, "int4": 4}
+# int8 activations per block on the CPU kernel, as the decoder-only quantized exports.
+ACCURACY_LEVEL = 4
+
+
+def quantize_graphs(
+    directory: Path, files: list[str], mode: str, block_size: int, symmetric: bool
+) -> None:
+    """Rewrite each graph in ``directory`` with MatMulNBits weights (ONNX Runtime's quantizer).
+
+    int8 is always symmetric (Q8_0-like); ``symmetric`` selects the int4 grid.
+    """
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    for name in files:
+        path = directory / name
+        model = onnx.load(str(path))
+        quantizer = MatMulNBitsQuantizer(
+            model,
+            bits=BITS[mode],
+            block_size=block_size,
+            is_symmetric=symmetric or mode == "int8",
+            accuracy_level=ACCURACY_LEVEL,
+        )
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+
+
+def describe(mode: str, block_size: int, symmetric: bool) -> dict[str, Any]:
+    """The manifest's ``quantization`` entry of an encoder-decoder export."""
+    grid = "symmetric" if symmetric or mode == "int8" else "asymmetric (zero points)"
+    return {
+        "mode": mode,
+        "method": "onnxruntime MatMulNBitsQuantizer (weight blocks along the input dimension)",
+        "weights": f"{BITS[mode]}-bit {grid} blocks of {block_size}, every MatMul with a weight",
+        "lm_head": f"{BITS[mode]}-bit blocks of {block_size}",
+        "embedding": "fp32",
+        "block_size": block_size,
+        "activations": "int8 per block, quantized on each call (accuracy_level 4)",
+        "accuracy_level": 4,
+        "graphs": "encoder and decoder",
+    }
+
+
+def calibration_sources(text: str, count: int) -> list[str]:
+    """Up to ``count`` sentences of ``text`` (split after . ! ?), the gate's sources."""
+    sentences = [s.strip() for s in re.split(r"(?<=[.!?])\s+", text) if s.strip()]
+    return sentences[:count]
+
+
+def _greedy_targets(torch_model: Any, rows: list[list[int]], steps: int) -> list[list[int]]:
+    """The fp32 model's greedy output ids for each source (no start token), at least one each."""
+    import torch
+
+    targets = []
+    with torch.no_grad():
+        for row in rows:
+            out = torch_model.generate(
+                torch.tensor([row]),
+                max_new_tokens=steps,
+                min_new_tokens=1,
+                do_sample=False,
+                num_beams=1,
+            )
+            targets.append([int(t) for t in out[0, 1:]])
+    return targets
+
+
+def _torch_teacher_forced(torch_model: Any, row: list[int], target: list[int], start: int) -> Any:
+    """PyTorch's [len(target), V] float32 logits for ``target`` given ``row``, unpadded."""
+    import torch
+
+    with torch.no_grad():
+        out = torch_model(
+            input_ids=torch.tensor([row]),
+            decoder_input_ids=torch.tensor([[start, *target[:-1]]]),
+            use_cache=False,
+        )
+    return out.logits[0].float().numpy()
+
+
+def seq2seq_fidelity(
+    onnx_model: Any,
+    torch_model: Any,
+    tokenizer: Any,
+    mode: str,
+    calibration: str | Path | None = None,
+) -> dict[str, Any]:
+    """Score the quantized export against the fp32 model on calibration pairs; the manifest entry.
+
+    Raises:
+        UsageError: The calibration text is unreadable or has no sentence.
+    """
+    import numpy as np
+
+    from llmtool.evaluate.metrics import FidelityAccumulator
+
+    path = Path(calibration or defaults.SAMPLE_TEXT)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise UsageError(
+            f"Cannot read the calibration text {path}: {exc.strerror}",
+            "pass a readable text file with --calibration.",
+        ) from exc
+    sources = calibration_sources(text, defaults.SEQ2SEQ_CALIBRATION_PAIRS)
+    if not sources:
+        raise UsageError(
+            f"The calibration text {path} has no sentence", "pass a longer text with --calibration."
+        )
+    limit = onnx_model.max_source or 10**9
+    rows = [list(tokenizer(s)["input_ids"])[:limit] for s in sources]
+    targets = _greedy_targets(torch_model, rows, defaults.SEQ2SEQ_CALIBRATION_TARGET_TOKENS)
+    start = onnx_model.decoder_start_token_id
+    acc = FidelityAccumulator()
+    for row, target in zip(rows, targets, strict=True):
+        (got,) = onnx_model.teacher_forced([row], [target])  # [T, V]
+        ref = _torch_teacher_forced(torch_model, row, target, start)
+        acc.add(got.astype(np.float32), ref, np.asarray(target, dtype=np.int64))
+    report = acc.report()
+    max_rel = defaults.QUANT_MAX_RELATIVE_DELTA_PPL[mode]
+    relative = report.delta_perplexity / report.reference_perplexity
+    return {
+        **report.to_dict(),
+        "reference": "the fp32 PyTorch model",
+        "calibration": str(path) if calibration else "the text shipped with llmtool",
+        "pairs": len(rows),
+        "targets": "the fp32 model's greedy outputs (teacher-forced)",
+        "relative_delta_perplexity": relative,
+        "max_relative_delta_perplexity": max_rel,
+        "passed": relative <= max_rel and report.nonfinite_logits == 0,
+    }
