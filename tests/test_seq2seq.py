@@ -142,7 +142,7 @@ def test_bad_input_is_a_clear_usage_error(one_export, tmp_path):
 
     arch, hf, out, _ = one_export
     with pytest.raises(UsageError, match="fp16"):
-        export_model(hf, tmp_path / "x", dtype="fp16")
+        export_model(hf, tmp_path / "x", dtype="fp16", quantize="int8")
     with pytest.raises(UsageError, match="--block-size"):
         export_model(hf, tmp_path / "x", quantize="int8", block_size=24)
     with pytest.raises(UsageError, match="empty"):

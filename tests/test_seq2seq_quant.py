@@ -93,6 +93,39 @@ def test_quantized_export_passes_gate_and_generates(arch, mode, exact, tokenizer
         assert any(r == g for r, g in zip(ref, ids, strict=True))
 
 
+@pytest.mark.parametrize("arch", ["bart", pytest.param("t5", marks=pytest.mark.seq2seq_full)])
+def test_fp16_export_validates_gates_and_generates(arch, tokenizer, tmp_path):
+    """fp16 weights and arithmetic (fp32 I/O): within fp16's logit tolerance of transformers'
+    fp32 model, the fidelity gate's rounding-sized ΔPPL, and transformers' greedy tokens."""
+    import onnx
+
+    from llmtool import defaults
+    from llmtool.export import export_model
+    from llmtool.seq2seq.generate import generate_seq2seq
+
+    hf = save_tiny_seq2seq(arch, tokenizer, tmp_path / "hf")
+    out = tmp_path / "h"
+    export_model(hf, out, dtype="fp16")
+    manifest = json.loads((out / "llmtool.json").read_text())
+    v, f = manifest["validation"], manifest["fidelity"]
+    assert manifest["weights"] == "fp16" and "quantization" not in manifest
+    assert v["dtype"] == "fp16" and v["tolerance"] == defaults.PARITY_TOLERANCE["fp16"]
+    # Measured: max |Δlogits| 4.7e-3 (BART) and 0.10 (T5) against the fp32 PyTorch model.
+    assert 0 < v["prefill_max_abs_diff"] < 0.05 and v["decode_max_abs_diff"] < 0.25
+    assert v["greedy_match"] and f["passed"] and f["top1_agreement"] >= 0.99
+    assert abs(f["relative_delta_perplexity"]) <= defaults.QUANT_MAX_RELATIVE_DELTA_PPL["fp16"]
+    for name in ("encoder_model.onnx", "decoder_model.onnx"):
+        graph = onnx.load(str(out / name)).graph
+        big = [t for t in graph.initializer if len(t.dims) == 2]
+        assert big and all(t.data_type == onnx.TensorProto.FLOAT16 for t in big), name
+        # The runtime's contract is unchanged: fp32 inputs / outputs (cache included).
+        floats = [i for i in [*graph.input, *graph.output] if "mask" not in i.name]
+        floats = [i for i in floats if i.type.tensor_type.elem_type != onnx.TensorProto.INT64]
+        assert all(i.type.tensor_type.elem_type == onnx.TensorProto.FLOAT for i in floats)
+    got = generate_seq2seq(out, SOURCES[:2], max_new_tokens=8, provider="cpu")
+    assert [o.token_ids for o in got.outputs] == _hf_greedy(hf, SOURCES[:2], 8)
+
+
 def test_gate_failure_writes_nothing_and_refusals(tokenizer, tmp_path, monkeypatch):
     from llmtool import defaults
     from llmtool.errors import UsageError, ValidationError
@@ -108,7 +141,7 @@ def test_gate_failure_writes_nothing_and_refusals(tokenizer, tmp_path, monkeypat
     with pytest.raises(UsageError, match="block-size"):
         export_model(hf, out, quantize="int4", block_size=24)
     with pytest.raises(UsageError, match="fp16"):
-        export_model(hf, out, dtype="fp16")
+        export_model(hf, out, dtype="fp16", quantize="int8")
 
 
 def test_cli_export_int4_then_eval(tokenizer, tmp_path):
@@ -124,7 +157,10 @@ def test_cli_export_int4_then_eval(tokenizer, tmp_path):
     )
     assert res.exit_code == 1 and "drifts too far from fp32" in res.output
     assert not (tmp_path / "t5q").exists()
-    res = runner.invoke(app, ["export", str(t5), "--out", str(tmp_path / "x"), "--dtype", "fp16"])
+    res = runner.invoke(
+        app,
+        ["export", str(t5), "--out", str(tmp_path / "x"), "--dtype", "fp16", "--quantize", "int8"],
+    )
     assert res.exit_code == 2 and "fp16" in res.output
     hf = save_tiny_seq2seq("marian", tokenizer, tmp_path / "hf")
     out = tmp_path / "q4"

@@ -59,18 +59,20 @@ def wants_seq2seq(model: str | Path) -> bool:
 def check_seq2seq_options(
     dtype: str, opset: int, fused: bool, quantize: str | None, block_size: int = 32
 ) -> None:
-    """Refuse the export variants an encoder-decoder cannot have yet, before loading anything.
+    """Refuse the export variants an encoder-decoder cannot have, before loading anything.
 
     Raises:
-        UsageError: fp16, ``--fused``, a bad ``--quantize`` / ``--block-size`` or an opset
-            outside 17-21.
+        UsageError: fp16 together with ``--quantize``, ``--fused``, a bad ``--quantize`` /
+            ``--block-size`` or an opset outside 17-21.
     """
     from llmtool.export.quantize import check_quantize_options
 
-    if dtype != "fp32":
+    if dtype not in ("fp32", "fp16"):
+        raise UsageError(f"Unknown dtype {dtype!r}", "use --dtype fp32 or fp16.")
+    if dtype == "fp16" and quantize:
         raise UsageError(
-            "Encoder-decoder exports have fp32 weights only for now (no fp16 graph yet)",
-            "drop --dtype, or use --quantize int8 / int4 for a smaller export.",
+            "An encoder-decoder export is either fp16 or --quantize'd, not both",
+            "drop --dtype fp16 (the quantized graphs keep fp32 activations) or drop --quantize.",
         )
     if fused:
         raise UsageError(
@@ -84,7 +86,7 @@ def check_seq2seq_options(
 
 
 def _manifest(
-    tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int, quantize: str | None
+    tmp: Path, loaded: Any, graphs: dict[str, Any], opset: int, weights: str
 ) -> dict[str, Any]:
     """llmtool.json of the traced graphs (validation is added after it runs)."""
     from llmtool.export.seq2seq import DECODER_FILE, ENCODER_FILE, Seq2SeqDims, cache_entries
@@ -112,8 +114,9 @@ def _manifest(
         "decoder_start_token_id": int(start),
         "layout": "standard",
         "padding": "right",
+        # The graphs' inputs and outputs (cache included) stay fp32 for every weight format.
         "dtype": "fp32",
-        "weights": quantize or "fp32",
+        "weights": weights,
         "opset": opset,
         "model_file": DECODER_FILE,
         "graphs": graphs,
@@ -146,7 +149,7 @@ def export_seq2seq(
     Args:
         model: A Hugging Face directory of an encoder-decoder.
         out: The directory to create.
-        dtype: ``fp32`` (the only one for now).
+        dtype: ``fp32``, or ``fp16`` (weights and arithmetic; gated on fidelity like ``quantize``).
         opset: ONNX opset (17-21).
         fused: Refused (no fused encoder-decoder graph).
         quantize: ``int8`` or ``int4``: both graphs' MatMul weights in blocks (ONNX Runtime's
@@ -174,7 +177,7 @@ def export_seq2seq(
     from llmtool.models.loading import read_config, resolve_spec
     from llmtool.models.seq2seq import load_seq2seq
     from llmtool.runtime.seq2seq import OnnxSeq2Seq
-    from llmtool.seq2seq.quantize import quantize_graphs
+    from llmtool.seq2seq.quantize import quantize_graphs, to_fp16
     from llmtool.seq2seq.validate import failure_reason, validate_seq2seq
 
     def stage(text: str) -> None:
@@ -200,20 +203,25 @@ def export_seq2seq(
             loaded.tokenizer.save_pretrained(tmp)
             if quantize:
                 quantize_graphs(tmp, [ENCODER_FILE, DECODER_FILE], quantize, block_size, symmetric)
-            manifest = _manifest(tmp, loaded, graphs, opset, quantize)
+            elif dtype == "fp16":
+                to_fp16(tmp, [ENCODER_FILE, DECODER_FILE])
+            gated = quantize or ("fp16" if dtype == "fp16" else None)
+            manifest = _manifest(tmp, loaded, graphs, opset, gated or "fp32")
             write_manifest(tmp, manifest)
         stage("Validating ONNX Runtime (CPU) against PyTorch")
         with timed(seconds, "validate"):
             session = OnnxSeq2Seq(tmp, "cpu", verify=False)
-            report = validate_seq2seq(session, loaded.model, loaded.tokenizer)
+            report = validate_seq2seq(
+                session, loaded.model, loaded.tokenizer, dtype="fp16" if gated == "fp16" else "fp32"
+            )
         manifest["validation"] = report
-        if quantize:
-            # Quantized weights cannot meet fp32 parity: recorded, the fidelity gate decides.
+        if gated:
+            # Rounded weights cannot meet fp32 parity: recorded, the fidelity gate decides.
             report["gate"] = False
-            stage(f"Measuring the {quantize} export's fidelity to fp32")
+            stage(f"Measuring the {gated} export's fidelity to fp32")
             with timed(seconds, "quantize"):
                 _check_quantized(
-                    session, loaded, manifest, quantize, block_size, symmetric, calibration
+                    session, loaded, manifest, gated, block_size, symmetric, calibration
                 )
         elif not report["passed"]:
             raise ValidationError(
@@ -223,6 +231,13 @@ def export_seq2seq(
         del session
         write_manifest(tmp, manifest)
     return Seq2SeqExportResult(out.resolve(), manifest, seconds)
+
+
+_HINTS = {
+    "fp16": "export fp32 or --quantize int8 (T5's activations are known to overflow fp16).",
+    "int8": "export fp32, or try a smaller --block-size.",
+    "int4": "try --quantize int8, a smaller --block-size, or int4 without --symmetric.",
+}
 
 
 def _check_quantized(
@@ -241,7 +256,8 @@ def _check_quantized(
     """
     from llmtool.seq2seq.quantize import describe, seq2seq_fidelity
 
-    manifest["quantization"] = describe(quantize, block_size, symmetric)
+    if quantize != "fp16":
+        manifest["quantization"] = describe(quantize, block_size, symmetric)
     f = seq2seq_fidelity(session, loaded.model, loaded.tokenizer, quantize, calibration)
     manifest["fidelity"] = f
     if not f["passed"]:
@@ -250,9 +266,7 @@ def _check_quantized(
             f"{100 * f['relative_delta_perplexity']:+.2f}% (limit "
             f"{100 * f['max_relative_delta_perplexity']:.0f}%), {f['nonfinite_logits']} non-finite "
             "logits; nothing was written",
-            "export fp32, or try a smaller --block-size."
-            if quantize == "int8"
-            else "try --quantize int8, a smaller --block-size, or int4 without --symmetric.",
+            _HINTS.get(quantize, _HINTS["int4"]),
         )
 
 

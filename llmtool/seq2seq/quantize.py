@@ -1,4 +1,8 @@
-"""int8 / int4 encoder-decoder exports: ONNX Runtime's MatMulNBits quantizer and the fidelity gate.
+"""fp16 / int8 / int4 encoder-decoder exports: ONNX Runtime's converters and the fidelity gate.
+
+fp16: ONNX Runtime's ``convert_float_to_float16`` rewrites both graphs (weights and arithmetic
+in fp16, inputs / outputs / cache fp32 behind Casts); gated like the quantized ones, with
+``QUANT_MAX_RELATIVE_DELTA_PPL["fp16"]``.
 
 The traced graphs (:mod:`llmtool.export.seq2seq`) are rewritten in place by ONNX Runtime's own
 ``MatMulNBitsQuantizer``: every ``MatMul`` whose weight is an initializer (the attention and
@@ -53,6 +57,21 @@ def quantize_graphs(
         )
         quantizer.process()
         quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+
+
+def to_fp16(directory: Path, files: list[str]) -> None:
+    """Rewrite each graph in ``directory`` with fp16 weights and arithmetic (ONNX Runtime's converter).
+
+    ``keep_io_types``: inputs, outputs and the cache stay fp32 (a Cast at each edge), so the
+    runtime feeds every weight format alike; inside, weights and activations are fp16.
+    """
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    for name in files:
+        path = directory / name
+        model = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        onnx.save(model, str(path))
 
 
 def describe(mode: str, block_size: int, symmetric: bool) -> dict[str, Any]:

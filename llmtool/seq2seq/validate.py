@@ -52,10 +52,14 @@ def validate_seq2seq(
     *,
     decode_steps: int = defaults.VALIDATION_DECODE_STEPS,
     tolerance: float | None = None,
+    dtype: str = "fp32",
 ) -> dict[str, Any]:
-    """Compare the export with the PyTorch model; the record for ``manifest["validation"]``."""
+    """Compare the export with the PyTorch model; the record for ``manifest["validation"]``.
+
+    ``dtype`` is the graphs' weight precision; it picks the logit tolerance when none is given.
+    """
     start_time = time.perf_counter()
-    tolerance = defaults.PARITY_TOLERANCE["fp32"] if tolerance is None else tolerance
+    tolerance = defaults.PARITY_TOLERANCE[dtype] if tolerance is None else tolerance
     rows = [list(tokenizer(s)["input_ids"]) for s in VALIDATION_SOURCES]
     if onnx_model.max_source is not None:
         rows = [r[: onnx_model.max_source] for r in rows]
@@ -91,7 +95,7 @@ def validate_seq2seq(
     return {
         "passed": first <= tolerance and decode <= tolerance and not mismatches,
         "provider": onnx_model.provider,
-        "dtype": "fp32",
+        "dtype": dtype,
         "tolerance": tolerance,
         "batch": len(rows),
         "padding": "right",
