@@ -58,3 +58,25 @@ def test_fp32_weights_are_not_copied_into_the_graph(tokenizer):
     graph.build()
     stored = graph.g.weights["layers.0.attn.qkv.weight"]
     assert np.shares_memory(stored, weights.layers[0].qkv_w)  # the extractor's array itself
+
+
+def test_consumed_extraction_frees_linear_weights_and_keeps_the_graph(tokenizer):
+    """Inside consume_linear_weights each nn.Linear weight is freed once copied (the export holds
+    one fp32 copy of the weights, not two), and the extracted weights are the same numbers."""
+    import torch
+
+    from conftest import build_tiny_model
+    from llmtool.export.registry import extract
+    from llmtool.export.weights import consume_linear_weights
+
+    kept = extract(build_tiny_model("llama", len(tokenizer)))
+    model = build_tiny_model("llama", len(tokenizer))
+    params = sum(p.numel() for p in model.parameters())
+    with consume_linear_weights():
+        consumed = extract(model)
+    linears = [m for m in model.model.layers.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.device.type == "meta" for m in linears)
+    assert sum(p.numel() for p in model.parameters()) == params  # shapes kept for the manifest
+    for a, b in zip(kept.layers, consumed.layers, strict=True):
+        for name in ("qkv_w", "o_w", "up_w", "down_w"):
+            np.testing.assert_array_equal(getattr(a, name), getattr(b, name))

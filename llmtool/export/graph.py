@@ -187,7 +187,7 @@ class GraphBuilder:
                 pad = (-offset) % 4096  # page-aligned so ORT can mmap the weights
                 f.write(b"\0" * pad)
                 offset += pad
-                f.write(array.tobytes())
+                f.write(_raw_bytes(array))  # a view: no copy of the weight
                 tensor = TensorProto()
                 tensor.name = name
                 tensor.data_type = NP_TO_ONNX[array.dtype]
@@ -245,6 +245,11 @@ def _write_initializer(f: Any, name: str, array: np.ndarray) -> None:
     graph_len = len(_field(_GRAPH_INITIALIZER, tensor_len)) + tensor_len
     f.write(_field(_MODEL_GRAPH, graph_len) + _field(_GRAPH_INITIALIZER, tensor_len) + head)
     f.write(_field(_TENSOR_RAW_DATA, array.nbytes))
+    f.write(_raw_bytes(array))
+
+
+def _raw_bytes(array: np.ndarray) -> memoryview:
+    """A C-contiguous array's bytes as ONNX stores them (little-endian), without a copy."""
     if sys.byteorder != "little":  # ONNX raw_data is little-endian
         array = array.astype(array.dtype.newbyteorder("<"))
-    f.write(array.reshape(-1).view(np.uint8).data)
+    return array.reshape(-1).view(np.uint8).data

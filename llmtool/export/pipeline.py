@@ -10,9 +10,12 @@ built in a temporary directory and renamed into place only after validation pass
     check_request ─► load_model ─► build_onnx ─► in a temporary directory: write_files
         ─► validate_against_pytorch ─► check_quantized (--quantize) ─► commit (rename into place)
 
-Memory: the graph's weights are freed once written (``write_files`` streams them), and
-``validate_against_pytorch`` computes PyTorch's reference outputs before it opens the ONNX
-Runtime session, freeing the PyTorch weights in between unless ``check_quantized`` needs them.
+Memory (benchmarks/results/export_memory.md): unless ``check_quantized`` needs the PyTorch
+model afterwards, PyTorch's reference outputs are computed right after loading
+(:func:`reference_outputs`), so ``build_onnx`` may consume the model: each linear weight is freed
+as soon as the extractor has its MatMul-layout copy (one fp32 copy of the weights at a time, not
+two). The graph's weights are freed once written (``write_files`` streams them), and the rest of
+the PyTorch model before ONNX Runtime opens the export.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from llmtool.export.request import ExportRequest, check_request, timed
 
 if TYPE_CHECKING:
     from llmtool.export.contract import BuiltGraph
+    from llmtool.export.validate import TorchReference
     from llmtool.models.loading import LoadedModel
     from llmtool.runtime.model import OnnxCausalLM
 
@@ -56,13 +60,41 @@ class ExportResult:
         return self.manifest["validation"]
 
 
-def build_onnx(request: ExportRequest, loaded: LoadedModel) -> BuiltGraph:
-    """Stage 3: the ONNX graph of the loaded model, as the registry builds it."""
+def reference_outputs(request: ExportRequest, loaded: LoadedModel) -> TorchReference | None:
+    """Stage 2b: PyTorch's outputs on the validation inputs, before the graph build may consume
+    the model's weights; None for a quantized export (its fidelity check still runs PyTorch,
+    so the model is kept and validation computes them later)."""
+    from llmtool.export.validate import torch_reference
+
+    if request.weights.quantize is not None:
+        return None
+    return torch_reference(loaded.model, loaded.tokenizer, config_context(loaded.model.config))
+
+
+def config_context(config: Any) -> int:
+    """The context length the extractors give the graph (``max_positions``), read from the
+    config before they run; unbounded when it declares none."""
+    for name in ("max_position_embeddings", "n_positions", "seq_length"):
+        value = getattr(config, name, None)
+        if value:
+            return int(value)
+    return 1 << 30
+
+
+def build_onnx(request: ExportRequest, loaded: LoadedModel, consume: bool = False) -> BuiltGraph:
+    """Stage 3: the ONNX graph of the loaded model, as the registry builds it.
+
+    Args:
+        consume: Free each PyTorch linear weight once the graph has its copy
+            (:func:`llmtool.export.weights.consume_linear_weights`); the model cannot run after.
+    """
     from llmtool.export.contract import GraphOptions
     from llmtool.export.registry import build_graph
+    from llmtool.export.weights import consume_linear_weights
 
     options = GraphOptions(fused=request.fused, weights=request.weights)
-    return build_graph(loaded.model, request.dtype, request.opset, options)
+    with consume_linear_weights(consume):
+        return build_graph(loaded.model, request.dtype, request.opset, options)
 
 
 def write_files(
@@ -122,28 +154,43 @@ def write_files(
 
 
 def validate_against_pytorch(
-    tmp: Path, request: ExportRequest, loaded: LoadedModel, manifest: dict[str, Any]
+    tmp: Path,
+    request: ExportRequest,
+    loaded: LoadedModel,
+    manifest: dict[str, Any],
+    reference: TorchReference | None = None,
 ) -> OnnxCausalLM:
     """Stage 5: run the written export in ONNX Runtime (CPU) against PyTorch.
 
     Records ``manifest["validation"]`` and returns the session for the quantization check.
+
+    Args:
+        reference: PyTorch's outputs (:func:`reference_outputs`); computed here when None.
 
     Raises:
         ValidationError: The graph does not match PyTorch.
     """
     from llmtool.export.validate import torch_reference, validate_export
     from llmtool.runtime.model import OnnxCausalLM
+    from llmtool.runtime.session import SessionOptions
 
-    # PyTorch's side first; then, unless the quantization check still needs it, the PyTorch
-    # model's weights are freed before ONNX Runtime loads its copy: the export's peak memory
-    # holds one fp32 copy of the weights here, not two.
     context = int(manifest.get("max_positions") or 0) or 1 << 30
-    reference = torch_reference(loaded.model, loaded.tokenizer, context)
+    if reference is None:
+        reference = torch_reference(loaded.model, loaded.tokenizer, context)
+    elif len(reference.long_ids) > context:  # config_context disagreed with the extractor
+        raise ValidationError(
+            f"The validation sequence ({len(reference.long_ids)} tokens) is longer than the "
+            f"graph's context ({context}); nothing was written",
+            "report this model as a bug.",
+        )
     # Quantized weights cannot meet fp32 parity: their gate is the fidelity check below.
     gated = request.weights.quantize is None
-    if gated:
+    if gated:  # PyTorch's weights are freed before ONNX Runtime loads its copy
         _release_weights(loaded.model)
-    session = OnnxCausalLM(tmp, "cpu", verify=False)
+    # Without prepacking ONNX Runtime's MatMuls read the weights as loaded instead of keeping a
+    # second, repacked copy of each; huge pages would only move them for a few seconds' use.
+    options = SessionOptions(prepack=False, huge_pages=False)
+    session = OnnxCausalLM(tmp, "cpu", verify=False, options=options)
     report = validate_export(
         session,
         None,
@@ -300,8 +347,9 @@ def export_model(
     with timed(seconds, "load"):
         loaded = load_model(request.spec, allow_pickle=allow_pickle)
     stage("Building the ONNX graph")
-    with timed(seconds, "build"):
-        built = build_onnx(request, loaded)
+    with timed(seconds, "build"):  # PyTorch's reference outputs first: the build consumes it
+        reference = reference_outputs(request, loaded)
+        built = build_onnx(request, loaded, consume=reference is not None)
     with atomic_directory(request.out, force=force) as tmp:
         stage("Writing files")
         with timed(seconds, "save"):
@@ -310,12 +358,12 @@ def export_model(
         _trim_heap()
         stage("Validating ONNX Runtime (CPU) against PyTorch")
         with timed(seconds, "validate"):
-            session = validate_against_pytorch(tmp, request, loaded, manifest)
+            session = validate_against_pytorch(tmp, request, loaded, manifest, reference)
         if quantize:
             stage(f"Measuring the {quantize} export's fidelity to fp32")
             with timed(seconds, "quantize"):
                 check_quantized(session, request, loaded, manifest)
-        del session
+        del session, reference
         write_manifest(tmp, manifest)
     # Commit: leaving atomic_directory renamed the finished directory into place.
     return ExportResult(request.out.resolve(), manifest, seconds)

@@ -8,15 +8,52 @@ MLP activation, biases) are fields of :class:`DecoderWeights`, so one graph buil
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+# True inside consume_linear_weights(): extractors free each nn.Linear weight once copied.
+_CONSUME: contextvars.ContextVar[bool] = contextvars.ContextVar("consume_weights", default=False)
+
 
 def to_numpy(t: Any) -> np.ndarray:
     """A torch tensor (any device, any float dtype) as a float32 numpy array."""
     return t.detach().to("cpu").float().numpy()
+
+
+@contextlib.contextmanager
+def consume_linear_weights(enabled: bool = True) -> Iterator[None]:
+    """Inside the block, an extractor frees each linear weight as soon as it has copied it into
+    MatMul layout (see :func:`release_weight`).
+
+    Export memory: the transposed copy of every linear weight would otherwise live beside the
+    PyTorch model's own until both are dropped, two fp32 copies of the model at once; consumed,
+    the extraction holds one (plus the layer in hand). The PyTorch model can not run afterwards,
+    so its reference outputs must be computed first.
+    """
+    token = _CONSUME.set(enabled)
+    try:
+        yield
+    finally:
+        _CONSUME.reset(token)
+
+
+def release_weight(module: Any) -> None:
+    """Replace ``module.weight`` by a meta tensor of its shape (freeing its storage) when inside
+    :func:`consume_linear_weights`; the shape and ``numel`` stay as they were."""
+    if not _CONSUME.get():
+        return
+    import torch
+
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.nn.Parameter) and weight.device.type != "meta":
+        module.weight = torch.nn.Parameter(
+            torch.empty_like(weight, device="meta"), requires_grad=False
+        )
 
 
 @dataclass

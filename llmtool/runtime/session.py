@@ -50,6 +50,8 @@ class SessionOptions:
         huge_pages: Move a CPU session's weights onto 2 MB huge pages once loaded (Linux; see
             :mod:`llmtool.hugepages`).
         cuda_graph: Capture decode steps of fused exports as CUDA graphs (CUDA only).
+        prepack: Let ONNX Runtime repack constant MatMul weights for its kernels (faster runs,
+            a second copy of those weights); False for export validation, which runs briefly.
     """
 
     intra_op_threads: int = defaults.ORT_THREADS
@@ -58,6 +60,7 @@ class SessionOptions:
     dynamic_block_base: int = defaults.ORT_DYNAMIC_BLOCK_BASE
     huge_pages: bool = defaults.ORT_HUGE_PAGES
     cuda_graph: bool = True
+    prepack: bool = True
 
 
 def ort_session_options(options: SessionOptions) -> Any:
@@ -82,6 +85,8 @@ def ort_session_options(options: SessionOptions) -> Any:
     so.enable_cpu_mem_arena = options.cpu_arena
     if options.dynamic_block_base > 0:
         so.add_session_config_entry("session.dynamic_block_base", str(options.dynamic_block_base))
+    if not options.prepack:
+        so.add_session_config_entry("session.disable_prepacking", "1")
     so.graph_optimization_level = {
         "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,

@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 
 from llmtool.errors import UsageError
-from llmtool.export.weights import DecoderWeights, LayerWeights, to_numpy
+from llmtool.export.weights import DecoderWeights, LayerWeights, release_weight, to_numpy
 
 
 def optional_weight(layer: Any, name: str) -> np.ndarray | None:
@@ -150,8 +150,14 @@ def concat_biases(modules: list[Any]) -> np.ndarray | None:
 
 
 def side_by_side(modules: list[Any]) -> np.ndarray:
-    """nn.Linear weights [out_i, in] as one [in, sum(out_i)] MatMul weight."""
-    return np.ascontiguousarray(np.concatenate([to_numpy(m.weight) for m in modules], 0).T)
+    """nn.Linear weights [out_i, in] as one [in, sum(out_i)] MatMul weight (a copy: the
+    modules' weights are freed afterwards inside ``consume_linear_weights``)."""
+    stacked = np.concatenate([to_numpy(m.weight) for m in modules], 0)  # [sum(out_i), in]
+    out = np.ascontiguousarray(stacked.T)
+    del stacked
+    for m in modules:
+        release_weight(m)
+    return out
 
 
 GPT2_ACTIVATIONS = {
