@@ -336,12 +336,7 @@ def export_model(
         return export_seq2seq(  # type: ignore[return-value]
             model, out, **common, allow_pickle=allow_pickle, on_stage=on_stage
         )
-    request = check_request(
-        model,
-        out,
-        **common,
-        layout=layout,
-    )
+    request = check_request(model, out, **common, layout=layout)
     seconds: dict[str, float] = {}
     stage(f"Loading {request.spec.display}")
     with timed(seconds, "load"):

@@ -154,8 +154,7 @@ def export_seq2seq(
         fused: Refused (no fused encoder-decoder graph).
         quantize: ``int8`` or ``int4``: both graphs' MatMul weights in blocks (ONNX Runtime's
             quantizer, see :mod:`llmtool.seq2seq.quantize`), gated on fidelity to fp32.
-        block_size: Quantization block length.
-        symmetric: int4 without zero points.
+        block_size, symmetric: int4 / int8 block length; int4 without zero points.
         calibration: Text whose sentences are the gate's sources (default: the shipped text).
         force: Replace an existing ``out``.
         allow_pickle: Accept pickle weights.
@@ -163,8 +162,7 @@ def export_seq2seq(
 
     Raises:
         UsageError: Bad input; nothing is written.
-        ValidationError: The graphs do not match PyTorch, or the quantized ones drift too far
-            from fp32; nothing is written.
+        ValidationError: The graphs fail parity or the fidelity gate; nothing is written.
     """
     from llmtool.export.seq2seq import (
         DECODER_FILE,
@@ -211,9 +209,7 @@ def export_seq2seq(
         stage("Validating ONNX Runtime (CPU) against PyTorch")
         with timed(seconds, "validate"):
             session = OnnxSeq2Seq(tmp, "cpu", verify=False)
-            report = validate_seq2seq(
-                session, loaded.model, loaded.tokenizer, dtype="fp16" if gated == "fp16" else "fp32"
-            )
+            report = validate_seq2seq(session, loaded.model, loaded.tokenizer, dtype=dtype)
         manifest["validation"] = report
         if gated:
             # Rounded weights cannot meet fp32 parity: recorded, the fidelity gate decides.
