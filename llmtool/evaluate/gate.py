@@ -108,6 +108,20 @@ def parse_tolerance(items: list[str] | tuple[str, ...]) -> Tolerance:
     return Tolerance(**values)
 
 
+def read_json_file(path: Path, hint: str) -> Any:
+    """A baseline file's JSON (decoder or encoder-decoder record).
+
+    Raises:
+        UsageError: Missing, or not readable JSON (with ``hint``).
+    """
+    if not path.is_file():
+        raise UsageError(f"Baseline {path} does not exist", hint)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UsageError(f"Baseline {path} is not readable JSON ({e})", hint) from e
+
+
 def read_baseline(path: str | Path) -> dict[str, Any]:
     """Read an earlier ``llmtool eval --json`` report.
 
@@ -116,12 +130,7 @@ def read_baseline(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     hint = "pass a file written by `llmtool eval --json`."
-    if not path.is_file():
-        raise UsageError(f"Baseline {path} does not exist", hint)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"Baseline {path} is not readable JSON ({e})", hint) from e
+    record = read_json_file(path, hint)
     if not isinstance(record, dict) or record.get("schema") != SCHEMA_NAME:
         raise UsageError(f"Baseline {path} is not an llmtool eval report", hint)
     if (

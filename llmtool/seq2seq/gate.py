@@ -32,6 +32,7 @@ from llmtool.evaluate.gate import (
     judge,
     paired_difference,
     parse_tolerance,
+    read_json_file,
 )
 
 SCHEMA = "llmtool-seq2seq-eval"
@@ -92,12 +93,7 @@ def read_seq2seq_baseline(path: str | Path) -> dict[str, Any]:
     """
     hint = "pass a file written by `llmtool eval --json` on an encoder-decoder export."
     path = Path(path)
-    if not path.is_file():
-        raise UsageError(f"Baseline {path} does not exist", hint)
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UsageError(f"Baseline {path} is not readable JSON ({e})", hint) from e
+    record = read_json_file(path, hint)
     if not isinstance(record, dict) or record.get("schema") != SCHEMA:
         found = record.get("schema") if isinstance(record, dict) else None
         raise UsageError(
