@@ -234,6 +234,9 @@ def test_int4_export_is_gated_on_fidelity(tokenizer, generic_tmp):
     assert "torch.onnx.dynamo graph" in text and "int4 weights" in text
     manifest = json.loads((out / "llmtool.json").read_text(encoding="utf-8"))
     assert manifest["fidelity"]["passed"] and manifest["quantization"]["mode"] == "int4"
+    # The record says what quantized it: ORT's quantizer, the LM head at 4 bits too.
+    q = manifest["quantization"]
+    assert "MatMulNBitsQuantizer" in q["method"] and q["lm_head"].startswith("4-bit")
     ops = [n.op_type for n in onnx.load(out / "model.onnx").graph.node]
     assert ops.count("MatMulNBits") >= 4 * 2  # q/k/v/out of each layer at least
 

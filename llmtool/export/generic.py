@@ -229,25 +229,6 @@ def _trace(model: Any, num_layers: int, kv_heads: int, head_dim: int, opset: int
     return program.model_proto
 
 
-def _quantize(model: onnx.ModelProto, fmt: WeightFormat) -> onnx.ModelProto:
-    """int8 / int4 MatMulNBits blocks over the traced graph's weight MatMuls (ORT's quantizer)."""
-    import logging
-
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    # The quantizer logs a line per node at INFO; the export's own stages say what happens.
-    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
-    quantizer = MatMulNBitsQuantizer(
-        model,
-        bits=8 if fmt.quantize == "int8" else 4,
-        block_size=fmt.block_size,
-        is_symmetric=fmt.symmetric,
-        accuracy_level=4,
-    )
-    quantizer.process()
-    return quantizer.model.model
-
-
 def build_generic(model: Any, dtype: str, opset: int, fmt: WeightFormat) -> BuiltGraph:
     """The standard graph of a transformers causal LM, traced by torch.onnx's dynamo exporter.
 
@@ -273,7 +254,9 @@ def build_generic(model: Any, dtype: str, opset: int, fmt: WeightFormat) -> Buil
         ) from None
     _name_axes(proto)
     if fmt.quantize:
-        proto = _quantize(proto, fmt)
+        from llmtool.export.quantize import quantize_traced
+
+        proto = quantize_traced(proto, fmt.quantize, fmt.block_size, fmt.symmetric)
     names = [f"{i}.{kind}" for i in range(num_layers) for kind in ("key", "value")]
     io = GraphIO(
         inputs=["input_ids", "attention_mask", "position_ids"]

@@ -239,7 +239,8 @@ def check_quantized(
         ValidationError: The quantized export drifts too far from the fp32 model.
     """
     from llmtool.evaluate.reference import quantization_fidelity
-    from llmtool.export.quantize import describe
+    from llmtool.export.generic import BUILDER as TRACED
+    from llmtool.export.quantize import describe, describe_traced
 
     fmt, calibration, calibration_text = (
         request.weights,
@@ -248,7 +249,9 @@ def check_quantized(
     )
     quantize = fmt.quantize
     assert quantize is not None and calibration_text is not None
-    manifest["quantization"] = describe(quantize, fmt.block_size, fmt.symmetric)
+    # A traced graph was quantized by ONNX Runtime's quantizer, a hand-built one by llmtool.
+    how = describe_traced if manifest.get("builder") == TRACED else describe
+    manifest["quantization"] = how(quantize, fmt.block_size, fmt.symmetric)
     manifest["fidelity"] = quantization_fidelity(
         session,
         loaded.model,

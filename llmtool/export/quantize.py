@@ -200,3 +200,52 @@ def describe(mode: str, block_size: int, symmetric: bool) -> dict[str, Any]:
         "activations": "int8 per block, quantized on each call (accuracy_level 4)",
         "accuracy_level": 4,
     }
+
+
+def quantize_traced(model: Any, mode: str, block_size: int, symmetric: bool) -> Any:
+    """A traced graph (torch.onnx: the generic path, encoder-decoders) with every MatMul whose
+    weight is an initializer turned into ``MatMulNBits`` by ONNX Runtime's own quantizer.
+
+    Graphs llmtool builds itself pack their blocks above; a traced graph has no neutral weight
+    description, so ORT's quantizer rewrites the ModelProto. int8 is always symmetric, as above.
+
+    Args:
+        model: The ``onnx.ModelProto``.
+        mode: ``int8`` or ``int4``.
+        block_size: Block length along the input dimension.
+        symmetric: int4 without zero points.
+
+    Returns:
+        The rewritten ModelProto.
+    """
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    # The quantizer logs a line per node at INFO; the export's own stages say what happens.
+    logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer").setLevel(logging.WARNING)
+    quantizer = MatMulNBitsQuantizer(
+        model,
+        bits=8 if mode == "int8" else 4,
+        block_size=block_size,
+        is_symmetric=symmetric or mode == "int8",
+        accuracy_level=4,
+    )
+    quantizer.process()
+    return quantizer.model.model
+
+
+def describe_traced(mode: str, block_size: int, symmetric: bool) -> dict[str, Any]:
+    """The manifest's ``quantization`` entry of a graph :func:`quantize_traced` rewrote."""
+    bits = 8 if mode == "int8" else 4
+    grid = "symmetric" if symmetric or mode == "int8" else "asymmetric (zero points)"
+    return {
+        "mode": mode,
+        "method": "onnxruntime MatMulNBitsQuantizer (weight blocks along the input dimension)",
+        "weights": f"{bits}-bit {grid} blocks of {block_size}, every MatMul with a weight",
+        "lm_head": f"{bits}-bit blocks of {block_size}",
+        "embedding": "fp32",
+        "block_size": block_size,
+        "activations": "int8 per block, quantized on each call (accuracy_level 4)",
+        "accuracy_level": 4,
+    }

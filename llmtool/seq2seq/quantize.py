@@ -30,33 +30,19 @@ from typing import Any
 from llmtool import defaults
 from llmtool.errors import UsageError
 
-BITS = {"int8": 8, "int4": 4}
-# int8 activations per block on the CPU kernel, as the decoder-only quantized exports.
-ACCURACY_LEVEL = 4
-
 
 def quantize_graphs(
     directory: Path, files: list[str], mode: str, block_size: int, symmetric: bool
 ) -> None:
-    """Rewrite each graph in ``directory`` with MatMulNBits weights (ONNX Runtime's quantizer).
-
-    int8 is always symmetric (Q8_0-like); ``symmetric`` selects the int4 grid.
-    """
+    """Rewrite each graph in ``directory`` with MatMulNBits weights (ONNX Runtime's quantizer,
+    :func:`llmtool.export.quantize.quantize_traced`)."""
     import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from llmtool.export.quantize import quantize_traced
 
     for name in files:
         path = directory / name
-        model = onnx.load(str(path))
-        quantizer = MatMulNBitsQuantizer(
-            model,
-            bits=BITS[mode],
-            block_size=block_size,
-            is_symmetric=symmetric or mode == "int8",
-            accuracy_level=ACCURACY_LEVEL,
-        )
-        quantizer.process()
-        quantizer.model.save_model_to_file(str(path), use_external_data_format=False)
+        onnx.save(quantize_traced(onnx.load(str(path)), mode, block_size, symmetric), str(path))
 
 
 def to_fp16(directory: Path, files: list[str]) -> None:
@@ -76,18 +62,9 @@ def to_fp16(directory: Path, files: list[str]) -> None:
 
 def describe(mode: str, block_size: int, symmetric: bool) -> dict[str, Any]:
     """The manifest's ``quantization`` entry of an encoder-decoder export."""
-    grid = "symmetric" if symmetric or mode == "int8" else "asymmetric (zero points)"
-    return {
-        "mode": mode,
-        "method": "onnxruntime MatMulNBitsQuantizer (weight blocks along the input dimension)",
-        "weights": f"{BITS[mode]}-bit {grid} blocks of {block_size}, every MatMul with a weight",
-        "lm_head": f"{BITS[mode]}-bit blocks of {block_size}",
-        "embedding": "fp32",
-        "block_size": block_size,
-        "activations": "int8 per block, quantized on each call (accuracy_level 4)",
-        "accuracy_level": 4,
-        "graphs": "encoder and decoder",
-    }
+    from llmtool.export.quantize import describe_traced
+
+    return {**describe_traced(mode, block_size, symmetric), "graphs": "encoder and decoder"}
 
 
 def calibration_sources(text: str, count: int) -> list[str]:
