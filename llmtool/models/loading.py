@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from llmtool import defaults
 from llmtool.errors import UsageError
 from llmtool.manifest import MANIFEST_NAME
+from llmtool.models.upcast import plan_half_load, upcast_to_fp32
 
 if TYPE_CHECKING:
     import torch
@@ -300,7 +301,14 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
 
     if isinstance(config, RecurrentConfig):
         return _load_recurrent(spec, tokenizer)
-    kwargs: dict[str, Any] = dict(_dtype_kwarg(torch.float32), attn_implementation="eager")
+    # A bf16 / fp16 safetensors checkpoint loads in its own dtype and is widened tensor by
+    # tensor (llmtool.models.upcast): the same fp32 model at about 1x the fp32 bytes, not 1.5x.
+    half = (
+        plan_half_load(AutoModelForCausalLM, config, spec.path) if spec.kind == "hf_dir" else None
+    )
+    kwargs: dict[str, Any] = dict(
+        _dtype_kwarg(half.dtype if half else torch.float32), attn_implementation="eager"
+    )
     try:
         if spec.kind == "gguf":
             model = AutoModelForCausalLM.from_pretrained(
@@ -324,6 +332,8 @@ def load_model(spec: ModelSpec | str, *, allow_pickle: bool = False) -> LoadedMo
             f"Cannot load model weights from {spec.display} ({first[:200]})",
             "check that the weight files are complete and match config.json.",
         ) from e
+    if half:
+        upcast_to_fp32(model, half)
     model.eval()
     try:
         generation_config = (

@@ -20,6 +20,7 @@ from llmtool.models.loading import (
     quiet_transformers,
     read_config,
 )
+from llmtool.models.upcast import plan_half_load, upcast_to_fp32
 
 
 def load_seq2seq(spec: ModelSpec, *, allow_pickle: bool = False) -> LoadedModel:
@@ -38,15 +39,17 @@ def load_seq2seq(spec: ModelSpec, *, allow_pickle: bool = False) -> LoadedModel:
             "encoder-decoder models load from a directory (config.json + safetensors).",
         )
     _check_weights(spec.path, allow_pickle)
-    read_config(spec)  # a readable config, with the clear error if not
+    config = read_config(spec)  # a readable config, with the clear error if not
     tokenizer = load_tokenizer(spec)
+    # bf16 / fp16 safetensors: loaded in their dtype and widened tensor by tensor (models/upcast).
+    half = plan_half_load(AutoModelForSeq2SeqLM, config, spec.path)
     try:
         model = AutoModelForSeq2SeqLM.from_pretrained(
             spec.path,
             trust_remote_code=False,
             use_safetensors=not allow_pickle or None,
             attn_implementation="eager",
-            **_dtype_kwarg(torch.float32),
+            **_dtype_kwarg(half.dtype if half else torch.float32),
         )
     except Exception as e:  # safetensors and torch each raise their own types
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
@@ -54,6 +57,8 @@ def load_seq2seq(spec: ModelSpec, *, allow_pickle: bool = False) -> LoadedModel:
             f"Cannot load model weights from {spec.display} ({first[:200]})",
             "check that the weight files are complete and match config.json.",
         ) from e
+    if half:
+        upcast_to_fp32(model, half)
     model.eval()
     generation_config: Any
     try:
