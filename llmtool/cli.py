@@ -198,6 +198,7 @@ def export_cmd(
             allow_pickle=allow_pickle,
             on_stage=lambda s: status.update(plain(s)),
             layout=layout,
+            on_notice=lambda s: err_console.print(plain(s, "yellow")),
         )
     if as_json:
         _print_json({"out": str(result.out), "seconds": result.seconds, **result.manifest})

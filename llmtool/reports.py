@@ -69,6 +69,8 @@ def export_table(manifest: dict[str, Any], out: Path) -> Table:
         f"{manifest['parameters'] / 1e6:.1f}M parameters · {weights} · {builder} graph · "
         f"opset {manifest.get('graph_opset', manifest['opset'])} · "
         f"validated on ORT {v['provider']} vs PyTorch, batch {v['batch']} {v.get('padding', 'left')}-padded"
+        # A variant the hand-built graph cannot express: why the trace built it.
+        + (f" · {manifest['builder_reason']}" if manifest.get("builder_reason") else "")
     )
     return table
 

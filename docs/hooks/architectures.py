@@ -2,7 +2,8 @@
 
 The page ``reference/architectures.md`` is not a file in ``docs/``: :func:`on_files` renders it
 from ``llmtool.export.registry.ARCHITECTURES`` (one row per ``config.model_type``: the standard
-graph, the fused graph or why not, whether int8 / int4 weights apply, the entry's note), so the
+graph, the fused graph or why not, whether int8 / int4 weights apply, the entry's note and the
+variants it sends down the generic path), so the
 table cannot drift from what ``llmtool export`` accepts.
 """
 
@@ -37,7 +38,10 @@ def render() -> str:
         entry = ARCHITECTURES[name]
         fused = "yes" if entry.build_fused is not None else f"no: {entry.no_fused}"
         quantize = "yes" if entry.quantizable else "no"
-        lines.append(f"| `{name}` | yes | {_cell(fused)} | {quantize} | {_cell(entry.note)} |")
+        note = entry.note
+        if entry.variants:  # what the registry sends down the generic path instead
+            note += f". Through the generic path: {entry.variants}"
+        lines.append(f"| `{name}` | yes | {_cell(fused)} | {quantize} | {_cell(note)} |")
     fused = f"no: {GENERIC.no_fused}"
     lines += [
         f"| any other causal LM (generic path) | yes | {_cell(fused)} | yes | {_cell(GENERIC.note)} |",
@@ -46,7 +50,12 @@ def render() -> str:
         "transformers has a decoder-only `*ForCausalLM` is traced by "
         "`torch.onnx.export(dynamo=True)` to the standard graph's I/O contract, then validated "
         "exactly like the hand-built graphs; the manifest's `builder` is `torch.onnx.dynamo` "
-        "(`hand-built` otherwise). Tested on GPT-Neo, CodeGen, BioGPT and XGLM. Refused with "
+        "(`hand-built` otherwise). Tested on GPT-Neo, CodeGen, BioGPT and XGLM. The variants "
+        "a registered family's hand-built graph cannot express (*Through the generic path* "
+        "in the notes) take it too, decided from the config before any weight loads: the "
+        "export says so on stderr, the table's caption and `llmtool.json`'s `builder_reason` "
+        "give the reason, and `--fused` or `--dtype fp16` for them is refused with exit 2. "
+        "Refused with "
         "exit 2, naming the type and the reason: models that return no key/value cache (Mamba "
         "and other state-space or recurrent families), models the exporter cannot trace (e.g. "
         "OLMoE's grouped expert matmul), `--fused`, and `--dtype fp16`. The graph is written "

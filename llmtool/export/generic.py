@@ -15,7 +15,9 @@ The trace is made with a past of length 3 (torch.export specialises sizes 0 and 
 traced graph concatenates the past with the new keys, so it also takes the empty past of a
 prefill. fp32 only; no fused variant (the contrib-op graph needs the neutral decoder
 description an extractor provides). ``--quantize`` runs ONNX Runtime's ``MatMulNBitsQuantizer``
-over the traced graph's MatMuls, gated like every quantized export.
+over the traced graph's MatMuls, gated like every quantized export. Arithmetic the model runs in
+bfloat16 on purpose (Falcon's ALiBi) is widened to float32 for ONNX Runtime's CPU, rounded back
+to bfloat16 as torch rounds it (:func:`_widen_bfloat16`).
 """
 
 from __future__ import annotations
@@ -201,6 +203,49 @@ def _name_axes(model: onnx.ModelProto) -> None:
                 dims[axis].dim_param = label
 
 
+# Elementwise ops that ONNX Runtime's CPU provider has no bfloat16 kernel for.
+_BF16_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Div", "Pow", "Neg", "Abs", "Sqrt"})
+
+
+def _widen_bfloat16(model: onnx.ModelProto) -> None:
+    """Run the graph's bfloat16 arithmetic in float32, rounding each result back to bfloat16.
+
+    Some modelling code computes a small tensor in bfloat16 on purpose (Falcon's ALiBi: slopes
+    times key positions); ONNX Runtime's CPU has no bfloat16 ``Mul``. The product of bfloat16
+    values is exact in float32, so float32 arithmetic plus a Cast to bfloat16 (round to nearest
+    even) gives torch's numbers.
+    """
+    bf16 = onnx.TensorProto.BFLOAT16
+    graph = model.graph
+    casts = any(a.name == "to" and a.i == bf16 for n in graph.node for a in n.attribute)
+    if not casts and all(t.data_type != bf16 for t in graph.initializer):
+        return
+    if model.ByteSize() > defaults.EXTERNAL_DATA_THRESHOLD:
+        return  # shape inference needs a proto under 2 GB; ONNX Runtime then says what it lacks
+    inferred = onnx.shape_inference.infer_shapes(model).graph
+    types = {t.name: t.data_type for t in graph.initializer}
+    for v in [*inferred.value_info, *inferred.input, *inferred.output]:
+        types[v.name] = v.type.tensor_type.elem_type
+    nodes = []
+    for node in graph.node:
+        if node.op_type not in _BF16_ARITHMETIC or types.get(node.output[0]) != bf16:
+            nodes.append(node)
+            continue
+        for k, name in enumerate(node.input):
+            if types.get(name) == bf16:
+                wide = f"{node.name}_in{k}_float"
+                nodes.append(
+                    onnx.helper.make_node("Cast", [name], [wide], to=onnx.TensorProto.FLOAT)
+                )
+                node.input[k] = wide
+        out = node.output[0]
+        node.output[0] = f"{node.name}_float"
+        nodes.append(node)
+        nodes.append(onnx.helper.make_node("Cast", [node.output[0]], [out], to=bf16))
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
 def _trace(model: Any, num_layers: int, kv_heads: int, head_dim: int, opset: int) -> Any:
     """torch.onnx.export(dynamo=True) of the cache wrapper; returns the ModelProto."""
     import torch
@@ -253,6 +298,7 @@ def build_generic(model: Any, dtype: str, opset: int, fmt: WeightFormat) -> Buil
             "this family needs an extractor (llmtool/export/extractors/); report it.",
         ) from None
     _name_axes(proto)
+    _widen_bfloat16(proto)
     if fmt.quantize:
         from llmtool.export.quantize import quantize_traced
 

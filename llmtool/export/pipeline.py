@@ -284,6 +284,7 @@ def export_model(
     allow_pickle: bool = False,
     on_stage: Callable[[str], None] | None = None,
     layout: str = defaults.EXPORT_LAYOUT,
+    on_notice: Callable[[str], None] | None = None,
 ) -> ExportResult:
     """Export a causal LM to ONNX with a KV cache and validate it against PyTorch.
 
@@ -304,6 +305,7 @@ def export_model(
         force: Replace an existing ``out``.
         allow_pickle: Accept pickle weights (``pytorch_model.bin``).
         on_stage: Called with a short description as each stage starts.
+        on_notice: Called with a message to keep visible (default ``on_stage``): a variant traced.
         layout: ``llmtool`` or ``transformers.js`` (the graph as ``onnx/model*.onnx``, named by
             its weight format, and ``transformers.js_config`` in config.json).
 
@@ -340,6 +342,8 @@ def export_model(
             model, out, **common, allow_pickle=allow_pickle, on_stage=on_stage
         )
     request = check_request(model, out, **common, layout=layout)
+    if request.notice is not None:  # never silent: the variant and why it is traced
+        (on_notice or stage)(request.notice)
     seconds: dict[str, float] = {}
     stage(f"Loading {request.spec.display}")
     with timed(seconds, "load"):

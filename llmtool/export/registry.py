@@ -11,8 +11,11 @@ Loading (:mod:`llmtool.models.loading`) accepts any causal LM; only export consu
 through :func:`check_supported` (before the weights are loaded) and :func:`build_graph`. A
 ``model_type`` not in the table, for which transformers has a causal LM, takes :data:`GENERIC`:
 the standard graph traced by ``torch.onnx.export(dynamo=True)`` (:mod:`llmtool.export.generic`).
-The manifest's ``builder`` says which path built a graph (``hand-built`` or
-``torch.onnx.dynamo``).
+So does a config of a registered family that its entry's ``variant`` says the hand-built graph
+cannot express (OPT with post-LayerNorm, ...): decided from the config, with a message
+(:func:`generic_notice`); ``--fused`` and fp16 are refused for it. The manifest's ``builder`` says
+which path built a graph (``hand-built`` or ``torch.onnx.dynamo``), ``builder_reason`` why a
+variant was traced.
 """
 
 from __future__ import annotations
@@ -24,7 +27,10 @@ from typing import Any
 from llmtool.errors import UsageError
 from llmtool.export.contract import BuiltGraph, GraphOptions, WeightFormat
 from llmtool.export.extractors import (
+    Variant,
+    bloom_variant,
     check_rope_config,
+    cohere_variant,
     extract_bloom,
     extract_cohere,
     extract_falcon,
@@ -46,6 +52,11 @@ from llmtool.export.extractors import (
     extract_smollm3,
     extract_stablelm,
     extract_starcoder2,
+    falcon_variant,
+    gpt2_variant,
+    opt_variant,
+    phi_variant,
+    stablelm_variant,
 )
 from llmtool.export.fused import build_fused
 from llmtool.export.generic import BUILDER as GENERIC_BUILDER
@@ -74,6 +85,9 @@ class Architecture:
         quantizable: Whether ``--quantize`` (int8 / int4 weight blocks) applies.
         check: Refuses, from the config alone, variants the builders cannot express
             (``check(config, fused=...)`` raises :class:`~llmtool.errors.UsageError`).
+        variant: Config -> why the hand-built graph cannot express it (None: it can); such a
+            config takes :data:`GENERIC` (fp32, no ``--fused``), with a message.
+        variants: One line for humans: the variants ``variant`` sends to :data:`GENERIC`.
     """
 
     note: str
@@ -83,14 +97,22 @@ class Architecture:
     no_fused: str = ""
     quantizable: bool = True
     check: Callable[..., None] | None = None
+    variant: Variant | None = None
+    variants: str = ""
 
 
 def decoder(
-    extract: Callable[[Any], DecoderWeights], note: str, *, rotary: bool = True
+    extract: Callable[[Any], DecoderWeights],
+    note: str,
+    *,
+    rotary: bool = True,
+    variant: Variant | None = None,
+    variants: str = "",
 ) -> Architecture:
     """A transformer decoder: read into :class:`DecoderWeights`, standard and fused graphs."""
+    check = check_rope_config if rotary else None
     return Architecture(
-        note, build_decoder, extract, build_fused, check=check_rope_config if rotary else None
+        note, build_decoder, extract, build_fused, check=check, variant=variant, variants=variants
     )
 
 
@@ -112,7 +134,12 @@ ARCHITECTURES: dict[str, Architecture] = {
     ),
     "olmo2": decoder(extract_olmo2, "Llama with post-norms only and RMSNorm on all of q and k"),
     "smollm3": decoder(extract_smollm3, "Llama with NoPE layers (no rotary positions)"),
-    "stablelm": decoder(extract_stablelm, "Llama with LayerNorm (biases) and partial rotary"),
+    "stablelm": decoder(
+        extract_stablelm,
+        "Llama with LayerNorm (biases) and partial rotary",
+        variant=stablelm_variant,
+        variants="qk_layernorm, use_parallel_residual",
+    ),
     "starcoder2": decoder(
         extract_starcoder2, "LayerNorm with biases, ungated GELU MLP, optional sliding window"
     ),
@@ -120,6 +147,8 @@ ARCHITECTURES: dict[str, Architecture] = {
         extract_gpt2,
         "LayerNorm, learned positions, GELU MLP, biases everywhere",
         rotary=False,
+        variant=gpt2_variant,
+        variants="reorder_and_upcast_attn",
     ),
     "gpt_bigcode": decoder(
         extract_gpt_bigcode,
@@ -127,25 +156,44 @@ ARCHITECTURES: dict[str, Architecture] = {
         rotary=False,
     ),
     "opt": decoder(
-        extract_opt, "Pre-LayerNorm, learned positions (offset 2), ReLU MLP", rotary=False
+        extract_opt,
+        "Pre-LayerNorm, learned positions (offset 2), ReLU MLP",
+        rotary=False,
+        variant=opt_variant,
+        variants="post-LayerNorm (do_layer_norm_before=False), word_embed_proj_dim != "
+        "hidden_size (OPT-350m), _remove_final_layer_norm",
     ),
     "bloom": Architecture(
         "ALiBi attention biases, LayerNorm after the embeddings, GELU MLP",
         build_decoder,
         extract_bloom,
         no_fused="GroupQueryAttention has no ALiBi bias",
+        variant=bloom_variant,
+        variants="apply_residual_connection_post_layernorm",
     ),
     "gpt_neox": decoder(extract_gpt_neox, "Parallel residual, partial rotary, LayerNorm (Pythia)"),
     "gptj": decoder(
         extract_gptj, "Parallel residual with one LayerNorm, interleaved partial rotary"
     ),
-    "phi": decoder(extract_phi, "Phi-1/2: parallel attention and MLP, partial rotary, LayerNorm"),
+    "phi": decoder(
+        extract_phi,
+        "Phi-1/2: parallel attention and MLP, partial rotary, LayerNorm",
+        variant=phi_variant,
+        variants="qk_layernorm",
+    ),
     "falcon": decoder(
-        extract_falcon, "Parallel attention, multi-query or grouped KV (new decoder architecture)"
+        extract_falcon,
+        "Parallel attention, multi-query or grouped KV (new decoder architecture)",
+        variant=falcon_variant,
+        variants="ALiBi (alibi=True)",
     ),
     "cohere": decoder(
-        extract_cohere, "Parallel block, bias-free LayerNorm, interleaved rotary, logit scale"
+        extract_cohere,
+        "Parallel block, bias-free LayerNorm, interleaved rotary, logit scale",
+        variant=cohere_variant,
+        variants="use_qk_norm",
     ),
+    # No shared expert: their configs have none (Qwen2-MoE's has no entry, so GENERIC).
     "mixtral": decoder(extract_mixtral, "Mistral with top-k routed SwiGLU experts (MoE)"),
     "qwen3_moe": decoder(extract_qwen3_moe, "Qwen3 with top-k routed SwiGLU experts (MoE)"),
     LSTM_TYPE: Architecture(
@@ -172,14 +220,37 @@ GENERIC = Architecture(
 HAND_BUILT = "hand-built"
 
 
+def variant_reason(config: Any) -> str | None:
+    """Why a registered family's hand-built graph cannot express this config, named with its
+    type (``"opt with post-LayerNorm (do_layer_norm_before=False)"``); None when it can or the
+    type has no entry."""
+    model_type = getattr(config, "model_type", None)
+    entry = ARCHITECTURES.get(model_type) if isinstance(model_type, str) else None
+    reason = entry.variant(config) if entry is not None and entry.variant is not None else None
+    return None if reason is None else f"{model_type} with {reason}"
+
+
+def generic_notice(config: Any) -> str | None:
+    """The one-line message of an export that a variant sends down the generic path."""
+    variant = variant_reason(config)
+    if variant is None:
+        return None
+    return (
+        f"{variant}: the hand-built graph cannot express it; exporting through torch.onnx (dynamo)"
+    )
+
+
 def architecture(config: Any) -> Architecture | None:
-    """The registry entry for a config's ``model_type``: its own, :data:`GENERIC` when
-    transformers has a decoder-only causal LM for it, else None."""
+    """The registry entry for a config's ``model_type``: its own; :data:`GENERIC` when
+    transformers has a decoder-only causal LM for it and it has no entry, or its entry's
+    ``variant`` says the hand-built graph cannot express the config; else None."""
     model_type = getattr(config, "model_type", None)
     if not isinstance(model_type, str):
         return None
     entry = ARCHITECTURES.get(model_type)
     if entry is None and has_causal_lm(config):
+        return GENERIC
+    if entry is not None and variant_reason(config) is not None:
         return GENERIC
     return entry
 
@@ -222,6 +293,9 @@ def check_supported(
             f"llmtool exports {', '.join(supported_model_types())}, and other transformers "
             "causal LMs through torch.onnx.",
         )
+    variant = variant_reason(config)
+    if variant is not None:
+        _check_variant(variant, fused=fused, dtype=dtype)
     if entry is GENERIC:
         check_generic(config, dtype=dtype)
     if fused and entry.build_fused is None:
@@ -235,6 +309,26 @@ def check_supported(
         raise UsageError(
             f"--quantize is not available for '{model_type}'",
             f"it supports {', '.join(quantizable_model_types())}; export without --quantize.",
+        )
+
+
+def _check_variant(variant: str, *, fused: bool, dtype: str) -> None:
+    """Refuse what the generic path cannot build for a variant routed to it.
+
+    Raises:
+        UsageError: ``--fused`` (the traced graph has no fused layout) or a dtype other than fp32.
+    """
+    if fused:
+        raise UsageError(
+            f"--fused is not available for {variant}: the hand-built graph cannot express it, "
+            "and the torch.onnx path it takes instead builds the standard graph only",
+            "export without --fused (fp32).",
+        )
+    if dtype != "fp32":
+        raise UsageError(
+            f"--dtype {dtype} is not available for {variant}: the hand-built graph cannot "
+            "express it, and the torch.onnx path it takes instead exports fp32 only",
+            "drop --dtype or use --dtype fp32.",
         )
 
 
@@ -275,6 +369,17 @@ def build_graph(
     source = model if entry.extract is None else entry.extract(model)
     build = entry.build_fused if options.fused else entry.build
     assert build is not None  # check_supported refused a missing fused builder
-    built = build(source, dtype, opset, options.weights)
+    variant = variant_reason(model.config)
+    try:
+        built = build(source, dtype, opset, options.weights)
+    except UsageError as err:
+        if variant is None:
+            raise
+        # The exporter's refusal names the type; the variant says why it was asked at all.
+        raise UsageError(
+            f"{variant}, which the hand-built graph cannot express: {err.message}", err.hint
+        ) from None
     built.meta.setdefault("builder", GENERIC_BUILDER if entry is GENERIC else HAND_BUILT)
+    if variant is not None:  # recorded in llmtool.json and shown under the export table
+        built.meta["builder_reason"] = f"{variant}: the hand-built graph cannot express it"
     return built

@@ -54,6 +54,8 @@ class ExportRequest:
         calibration_text: That text (None without ``--quantize``).
         layout: File layout: ``llmtool`` (model.onnx at the top) or ``transformers.js``
             (``onnx/model{_fp16,_q4,_quantized}.onnx``).
+        notice: The message of a variant the registry sends down the generic torch.onnx path
+            (:func:`~llmtool.export.registry.generic_notice`); None otherwise.
     """
 
     spec: ModelSpec
@@ -65,6 +67,7 @@ class ExportRequest:
     calibration: str | Path | None
     calibration_text: str | None
     layout: str = "llmtool"
+    notice: str | None = None
 
 
 def check_request(
@@ -90,7 +93,7 @@ def check_request(
     from llmtool.export.contract import WeightFormat
     from llmtool.export.interop import LAYOUTS
     from llmtool.export.quantize import check_quantize_options
-    from llmtool.export.registry import check_supported
+    from llmtool.export.registry import check_supported, generic_notice
     from llmtool.fsutil import check_output_dir
     from llmtool.models.loading import read_config, resolve_spec
 
@@ -109,7 +112,8 @@ def check_request(
         )
     check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
     # Loading accepts any causal LM; export refuses what it cannot build before reading weights.
-    check_supported(read_config(spec), fused=fused, quantize=quantize, dtype=dtype)
+    config = read_config(spec)
+    check_supported(config, fused=fused, quantize=quantize, dtype=dtype)
     weights = WeightFormat(
         quantize=quantize,
         block_size=block_size,
@@ -117,5 +121,14 @@ def check_request(
         head_matmul=quantize is not None,
     )
     return ExportRequest(
-        spec, out, dtype, opset, fused, weights, calibration, calibration_text, layout
+        spec,
+        out,
+        dtype,
+        opset,
+        fused,
+        weights,
+        calibration,
+        calibration_text,
+        layout,
+        generic_notice(config),
     )

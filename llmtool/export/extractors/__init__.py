@@ -10,6 +10,7 @@ its layout (usually a few lines on top of an existing one) and add its entry to 
 """
 
 from llmtool.export.extractors.common import (
+    Variant,
     check_rope_config,
     config_head_dim,
     layer_windows,
@@ -18,10 +19,13 @@ from llmtool.export.extractors.common import (
     rope_type,
 )
 from llmtool.export.extractors.gpt import (
+    bloom_variant,
     extract_bloom,
     extract_gpt2,
     extract_gpt_bigcode,
     extract_opt,
+    gpt2_variant,
+    opt_variant,
 )
 from llmtool.export.extractors.llama import (
     extract_gemma,
@@ -35,18 +39,25 @@ from llmtool.export.extractors.llama import (
     extract_stablelm,
     extract_starcoder2,
     llama_layer,
+    stablelm_variant,
 )
 from llmtool.export.extractors.moe import extract_mixtral, extract_qwen3_moe
 from llmtool.export.extractors.parallel import (
+    cohere_variant,
     extract_cohere,
     extract_falcon,
     extract_gpt_neox,
     extract_gptj,
     extract_phi,
+    falcon_variant,
+    phi_variant,
 )
 
 __all__ = [
+    "Variant",
+    "bloom_variant",
     "check_rope_config",
+    "cohere_variant",
     "config_head_dim",
     "extract_bloom",
     "extract_cohere",
@@ -69,9 +80,14 @@ __all__ = [
     "extract_smollm3",
     "extract_stablelm",
     "extract_starcoder2",
+    "falcon_variant",
+    "gpt2_variant",
     "layer_windows",
     "llama_layer",
+    "opt_variant",
     "partial_rotary_factor",
+    "phi_variant",
     "rope_parameters",
     "rope_type",
+    "stablelm_variant",
 ]

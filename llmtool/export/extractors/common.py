@@ -4,6 +4,7 @@ express, the model's own rotary tables, and nn.Linear weights in ONNX MatMul lay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -115,6 +116,26 @@ def rope_tables(
     return to_numpy(cos[0]), to_numpy(sin[0])  # [P, R] each, attention scaling included
 
 
+# A family's variant check: config -> why its hand-built graph cannot express the config, or
+# None. The registry routes such configs to the generic torch.onnx path before loading weights.
+Variant = Callable[[Any], str | None]
+
+
+def refuse_variant(cfg: Any, variant: Variant) -> None:
+    """The extractor's safety net for what the registry routes away from it (see
+    :data:`Variant`): a config that reaches the extractor anyway is refused, not mis-built.
+
+    Raises:
+        UsageError: ``variant(cfg)`` names a reason.
+    """
+    reason = variant(cfg)
+    if reason is not None:
+        raise UsageError(
+            f"{cfg.model_type} with {reason}: the hand-built graph cannot express it",
+            "export it with --dtype fp32 and without --fused, through the torch.onnx path.",
+        )
+
+
 def check_llama_config(cfg: Any) -> None:
     """Refuse the Llama-family variants the graph does not implement."""
     check_rope_config(cfg)
@@ -210,9 +231,11 @@ def mlp_layer(
     **fields: Any,
 ) -> LayerWeights:
     """A decoder layer from its modules: LayerNorms (or None), the packed q/k/v (w, b) in MatMul
-    layout, nn.Linear output / up / down projections; ``fields`` set the other LayerWeights."""
+    layout, nn.Linear output / up / down projections (``up`` may be a packed (w, b) too: gate
+    and up side by side); ``fields`` set the other LayerWeights."""
     n1 = layer_norm(norm1) if norm1 is not None else (None, None)
     n2 = layer_norm(norm2) if norm2 is not None else (None, None)
+    up_w, up_b = up if isinstance(up, tuple) else (linear_t(up), optional_array(up, "bias"))
     return LayerWeights(
         norm1_w=n1[0],
         norm1_b=n1[1],
@@ -222,8 +245,8 @@ def mlp_layer(
         o_b=optional_array(o, "bias"),
         norm2_w=n2[0],
         norm2_b=n2[1],
-        up_w=linear_t(up),
-        up_b=optional_array(up, "bias"),
+        up_w=up_w,
+        up_b=up_b,
         down_w=linear_t(down),
         down_b=optional_array(down, "bias"),
         attn_scale=scale,

@@ -15,16 +15,44 @@ from llmtool.export.extractors.common import (
     mlp_layer,
     optional_array,
     per_head_qkv,
+    refuse_variant,
     side_by_side,
 )
 from llmtool.export.weights import DecoderWeights, LayerWeights, to_numpy
 
 
+def gpt2_variant(cfg: Any) -> str | None:
+    """What of a GPT-2 config the hand-built graph cannot express (None: nothing)."""
+    if getattr(cfg, "reorder_and_upcast_attn", False):
+        return "upcast, reordered attention (reorder_and_upcast_attn=True)"
+    return None
+
+
+def opt_variant(cfg: Any) -> str | None:
+    """What of an OPT config the hand-built graph cannot express (None: nothing)."""
+    if not cfg.do_layer_norm_before:
+        return "post-LayerNorm (do_layer_norm_before=False)"
+    if cfg.word_embed_proj_dim != cfg.hidden_size:  # OPT-350m: project_in / project_out
+        return (
+            f"projected embeddings (word_embed_proj_dim {cfg.word_embed_proj_dim} != "
+            f"hidden_size {cfg.hidden_size})"
+        )
+    if getattr(cfg, "_remove_final_layer_norm", False):
+        return "no final LayerNorm (_remove_final_layer_norm=True)"
+    return None
+
+
+def bloom_variant(cfg: Any) -> str | None:
+    """What of a BLOOM config the hand-built graph cannot express (None: nothing)."""
+    if getattr(cfg, "apply_residual_connection_post_layernorm", False):
+        return "a post-LayerNorm residual (apply_residual_connection_post_layernorm=True)"
+    return None
+
+
 def extract_gpt2(model: Any) -> DecoderWeights:
     """GPT-2: LayerNorm, learned positions, GELU MLP, biases everywhere."""
     cfg = model.config
-    if getattr(cfg, "reorder_and_upcast_attn", False):
-        raise UsageError("GPT-2 with reorder_and_upcast_attn is not supported by export")
+    refuse_variant(cfg, gpt2_variant)
     act = GPT2_ACTIVATIONS.get(cfg.activation_function)
     if act is None:
         raise UsageError(f"GPT-2 activation {cfg.activation_function} is not supported by export")
@@ -115,12 +143,7 @@ def extract_opt(model: Any) -> DecoderWeights:
     """
     cfg = model.config
     dec = model.model.decoder
-    if not cfg.do_layer_norm_before or dec.project_in is not None:
-        raise UsageError(
-            "OPT with post-LayerNorm (do_layer_norm_before=False) or word_embed_proj_dim != "
-            "hidden_size (OPT-350m) is not supported by export",
-            "export another OPT size.",
-        )
+    refuse_variant(cfg, opt_variant)
     act = GPT2_ACTIVATIONS.get(cfg.activation_function)
     if act is None:
         raise UsageError(f"OPT activation {cfg.activation_function} is not supported by export")
@@ -163,10 +186,7 @@ def extract_bloom(model: Any) -> DecoderWeights:
     from transformers.models.bloom import modeling_bloom
 
     cfg = model.config
-    if cfg.apply_residual_connection_post_layernorm:
-        raise UsageError(
-            "BLOOM with apply_residual_connection_post_layernorm is not supported by export"
-        )
+    refuse_variant(cfg, bloom_variant)
     heads, d = cfg.n_head, cfg.hidden_size // cfg.n_head
     layers = []
     for block in model.transformer.h:

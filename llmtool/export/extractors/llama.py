@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 
-from llmtool.errors import UsageError
 from llmtool.export.extractors.common import (
     GLU_ACTIVATIONS,
     GPT2_ACTIVATIONS,
@@ -21,6 +20,7 @@ from llmtool.export.extractors.common import (
     layer_windows,
     optional_array,
     optional_weight,
+    refuse_variant,
     rope_tables,
     side_by_side,
 )
@@ -136,14 +136,18 @@ def extract_smollm3(model: Any) -> DecoderWeights:
     return w
 
 
+def stablelm_variant(cfg: Any) -> str | None:
+    """What of a StableLM config the hand-built graph cannot express (None: nothing)."""
+    if getattr(cfg, "qk_layernorm", False):
+        return "per-head LayerNorm on q and k (qk_layernorm=True)"
+    if getattr(cfg, "use_parallel_residual", False):
+        return "a parallel residual (use_parallel_residual=True)"
+    return None
+
+
 def extract_stablelm(model: Any) -> DecoderWeights:
     """StableLM: Llama with LayerNorm (biases), partial rotary and optional q/k/v biases."""
-    cfg = model.config
-    if getattr(cfg, "qk_layernorm", False) or getattr(cfg, "use_parallel_residual", False):
-        raise UsageError(
-            "StableLM with qk_layernorm or use_parallel_residual is not supported by export",
-            "export a StableLM without them.",
-        )
+    refuse_variant(model.config, stablelm_variant)
     w = extract_llama(model)
     w.norm = "layer"
     w.final_norm_b = optional_array(model.model.norm, "bias")

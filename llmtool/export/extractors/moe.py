@@ -31,9 +31,12 @@ def _moe(block: Any, top_k: int, normalize: bool) -> MoeWeights:
 def _with_experts(w: DecoderWeights, model: Any, top_k: int, normalize: bool) -> DecoderWeights:
     for lw, layer in zip(w.layers, model.model.layers, strict=True):
         mlp = layer.mlp
+        # Mixtral's and Qwen3-MoE's configs have no shared expert (Qwen2-MoE's, with one, has
+        # no registry entry and takes the generic path): a safety net for a module that has one.
         if getattr(mlp, "shared_expert", None) is not None:
             raise UsageError(
-                f"{model.config.model_type} with a shared expert is not supported by export"
+                f"{model.config.model_type} with a shared expert: the hand-built graph cannot "
+                "express it"
             )
         if hasattr(mlp, "experts"):  # sparse layer (Qwen3-MoE may mix in dense ones)
             lw.moe = _moe(mlp, top_k, normalize)

@@ -23,6 +23,7 @@ from llmtool.export.extractors.common import (
     mlp_layer,
     optional_array,
     per_head_qkv,
+    refuse_variant,
     rope_tables,
     side_by_side,
 )
@@ -39,6 +40,27 @@ def _activation(cfg: Any, name: str) -> str:
 def _rope(model: Any, rotary: Any, max_positions: int) -> dict[str, Any]:
     cos, sin = rope_tables(model, max_positions, rotary=rotary)
     return {"rope_cos": cos, "rope_sin": sin, "rotary_dim": cos.shape[1]}
+
+
+def phi_variant(cfg: Any) -> str | None:
+    """What of a Phi config the hand-built graph cannot express (None: nothing)."""
+    if getattr(cfg, "qk_layernorm", False):
+        return "LayerNorm on q and k (qk_layernorm=True)"
+    return None
+
+
+def falcon_variant(cfg: Any) -> str | None:
+    """What of a Falcon config the hand-built graph cannot express (None: nothing)."""
+    if getattr(cfg, "alibi", False):
+        return "ALiBi (alibi=True)"
+    return None
+
+
+def cohere_variant(cfg: Any) -> str | None:
+    """What of a Cohere config the hand-built graph cannot express (None: nothing)."""
+    if getattr(cfg, "use_qk_norm", False):
+        return "LayerNorm on q and k (use_qk_norm=True)"
+    return None
 
 
 def extract_gpt_neox(model: Any) -> DecoderWeights:
@@ -124,8 +146,7 @@ def extract_phi(model: Any) -> DecoderWeights:
     """Phi-1 / Phi-1.5 / Phi-2: one shared LayerNorm, parallel attention and MLP, partial rotary,
     biases everywhere (the LM head too)."""
     cfg = model.config
-    if getattr(cfg, "qk_layernorm", False):
-        raise UsageError("Phi with qk_layernorm is not supported by export", "export without it.")
+    refuse_variant(cfg, phi_variant)
     heads, d = cfg.num_attention_heads, config_head_dim(cfg)
     layers = []
     for layer in model.model.layers:
@@ -175,8 +196,7 @@ def extract_falcon(model: Any) -> DecoderWeights:
     """Falcon: parallel attention (one or two LayerNorms) or sequential, multi-query or grouped
     KV heads (``new_decoder_architecture``), rotary positions."""
     cfg = model.config
-    if cfg.alibi:
-        raise UsageError("Falcon with ALiBi is not supported by export", "use a rotary Falcon.")
+    refuse_variant(cfg, falcon_variant)
     heads, d = cfg.num_attention_heads, cfg.hidden_size // cfg.num_attention_heads
     kv_heads = cfg.num_kv_heads if cfg.new_decoder_architecture or not cfg.multi_query else 1
     two_norms = cfg.new_decoder_architecture and cfg.num_ln_in_parallel_attn == 2
@@ -219,25 +239,24 @@ def extract_cohere(model: Any) -> DecoderWeights:
     """Cohere (Command R): one shared bias-free LayerNorm, parallel attention and SwiGLU MLP,
     rotary on interleaved pairs, logits times ``logit_scale``."""
     cfg = model.config
-    if cfg.use_qk_norm:
-        raise UsageError("Cohere with use_qk_norm is not supported by export", "export without it.")
+    refuse_variant(cfg, cohere_variant)
     heads, d = cfg.num_attention_heads, config_head_dim(cfg)
     layers = []
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         qkv, up = [attn.q_proj, attn.k_proj, attn.v_proj], [mlp.gate_proj, mlp.up_proj]
-        lw = mlp_layer(
-            layer.input_layernorm,  # CohereLayerNorm: mean-centred, no bias
-            (side_by_side(qkv), concat_biases(qkv)),
-            attn.o_proj,
-            None,
-            mlp.gate_proj,  # replaced below by gate and up side by side
-            mlp.down_proj,
-            float(attn.scaling),
-            parallel=True,
+        layers.append(
+            mlp_layer(
+                layer.input_layernorm,  # CohereLayerNorm: mean-centred, no bias
+                (side_by_side(qkv), concat_biases(qkv)),
+                attn.o_proj,
+                None,
+                (side_by_side(up), concat_biases(up)),  # gate then up, each read once
+                mlp.down_proj,
+                float(attn.scaling),
+                parallel=True,
+            )
         )
-        lw.up_w, lw.up_b = side_by_side(up), concat_biases(up)
-        layers.append(lw)
     return layer_norm_decoder(
         model,
         layers,
