@@ -349,27 +349,39 @@ def _cli_export(hf: Path, out: Path, *extra: str):
     return CliRunner().invoke(app, ["export", str(hf), "--out", str(out), *extra])
 
 
-def test_bloom_fused_is_refused_with_the_reason(tmp_path, tokenizer):
-    """ALiBi has no GroupQueryAttention input: exit 2 before any weight loads, nothing written."""
+def test_bloom_fused_falls_back_to_the_standard_graph_with_the_reason(tmp_path, tokenizer):
+    """ALiBi has no GroupQueryAttention input: ``--fused`` writes the standard graph (validated)
+    and says why on stderr before the export starts; the manifest records the standard layout."""
     import torch
     from transformers import BloomConfig, BloomForCausalLM
+
+    from llmtool.manifest import read_manifest
 
     torch.manual_seed(0)
     config = BloomConfig(hidden_size=32, n_layer=1, n_head=2, vocab_size=len(tokenizer))
     BloomForCausalLM(config).save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     result = _cli_export(tmp_path / "hf", tmp_path / "onnx", "--fused")
-    assert result.exit_code == 2, result.output
-    assert "ALiBi" in result.output and "without --fused" in result.output
-    assert not (tmp_path / "onnx").exists()
+    assert result.exit_code == 0, result.output
+    message = " ".join(result.stderr.split())
+    assert "--fused is not available for 'bloom' (GroupQueryAttention has no ALiBi bias)" in message
+    assert "writing the standard graph instead" in message
+    manifest = read_manifest(tmp_path / "onnx")
+    assert manifest["layout"] == "standard" and manifest["validation"]["passed"]
 
 
-def test_fused_head_dim_not_multiple_of_16_is_refused(tmp_path, tokenizer):
+def test_fused_head_dim_not_multiple_of_16_falls_back(tmp_path, tokenizer):
+    """GroupQueryAttention's rotary kernel needs a multiple of 16: the reason, then the
+    standard graph (decided from the config before any weight loads)."""
+    from llmtool.export.registry import fused_fallback
+    from llmtool.models.loading import read_config, resolve_spec
+
     hf = _save_llama(tmp_path, tokenizer, head_dim=8)
-    result = _cli_export(hf, tmp_path / "onnx", "--fused")
-    assert result.exit_code == 2, result.output
-    assert "divisible by 16" in result.output
-    assert not (tmp_path / "onnx").exists()
+    message = fused_fallback(read_config(resolve_spec(hf))) or ""
+    assert "divisible by 16" in message and "writing the standard graph instead" in message
+    assert (
+        fused_fallback(read_config(resolve_spec(_save_llama(tmp_path / "ok", tokenizer)))) is None
+    )
 
 
 def _longrope(original: int) -> dict[str, Any]:

@@ -200,17 +200,21 @@ def test_perplexity_equals_transformers(generic_export, sample_text_file, tmp_pa
     assert result.perplexity == pytest.approx(expected, rel=1e-4)
 
 
-def test_fused_and_fp16_are_refused_before_loading(tokenizer, generic_tmp):
-    """No fused graph without an extractor, and the trace is fp32: exit 2, nothing written."""
+def test_fused_falls_back_and_fp16_is_refused_before_loading(tokenizer, generic_tmp):
+    """No fused graph without an extractor: ``--fused`` falls back to the traced standard graph
+    with the reason; the trace is fp32: ``--dtype fp16`` (with or without --fused) exit 2."""
     from typer.testing import CliRunner
 
     from llmtool.cli import app
+    from llmtool.export.registry import fused_fallback
+    from llmtool.models.loading import read_config, resolve_spec
 
     hf = save_family("gpt_neo", tokenizer, generic_tmp)
-    for extra, reason in (
-        (["--fused"], "--fused is not available for 'gpt_neo' (no extractor"),
-        (["--dtype", "fp16"], "'gpt_neo' takes the generic torch.onnx path, which exports fp32"),
-    ):
+    message = fused_fallback(read_config(resolve_spec(hf))) or ""
+    assert "--fused is not available for 'gpt_neo' (no extractor" in message
+    assert "writing the standard graph instead" in message
+    fp16 = "'gpt_neo' takes the generic torch.onnx path, which exports fp32"
+    for extra, reason in ((["--dtype", "fp16"], fp16), (["--fused", "--dtype", "fp16"], fp16)):
         out = generic_tmp / "refused"
         refused = CliRunner().invoke(app, ["export", str(hf), "--out", str(out), *extra])
         assert refused.exit_code == 2 and reason in " ".join(refused.stderr.split())

@@ -184,13 +184,19 @@ def test_each_variant_is_routed_to_the_generic_path(tokenizer):
 
 
 @pytest.mark.parametrize("name", sorted(VARIANTS))
-def test_fused_and_fp16_are_refused_before_loading(name, tokenizer, tmp_path):
-    """exit 2 naming the variant and the reason; the directory holds no weights to load."""
+def test_fused_falls_back_and_fp16_is_refused_before_loading(name, tokenizer, tmp_path):
+    """``--fused`` falls back to the traced standard graph, naming the variant and the reason;
+    fp16: exit 2 naming them; the directory holds no weights to load."""
+    from llmtool.export.registry import fused_fallback
+
+    message = fused_fallback(variant_config(name, len(tokenizer))) or ""
+    assert "--fused is not available for" in message and VARIANTS[name][4] in message
+    assert "writing the standard graph instead" in message
     hf = tmp_path / "hf"
     variant_config(name, len(tokenizer)).save_pretrained(hf)
     for extra, words in (
-        (["--fused"], "--fused is not available for"),
         (["--dtype", "fp16"], "--dtype fp16 is not available for"),
+        (["--fused", "--dtype", "fp16"], "--dtype fp16 is not available for"),
     ):
         code, _, stderr = _export([str(hf), "--out", str(tmp_path / "o"), *extra], True)
         message = " ".join(stderr.split())

@@ -54,12 +54,13 @@ def render() -> str:
         "a registered family's hand-built graph cannot express (*Through the generic path* "
         "in the notes) take it too, decided from the config before any weight loads: the "
         "export says so on stderr, the table's caption and `llmtool.json`'s `builder_reason` "
-        "give the reason, and `--fused` or `--dtype fp16` for them is refused with exit 2. "
+        "give the reason, and `--dtype fp16` for them is refused with exit 2. "
         "Refused with "
         "exit 2, naming the type and the reason: models that return no key/value cache (Mamba "
         "and other state-space or recurrent families), models the exporter cannot trace (e.g. "
-        "OLMoE's grouped expert matmul), `--fused`, and `--dtype fp16`. The graph is written "
-        "at opset 18 at least (`graph_opset` in the manifest).",
+        "OLMoE's grouped expert matmul), and `--dtype fp16`. `--fused` where the table says "
+        "no (and on the generic path) writes the standard graph instead, with the reason on "
+        "stderr. The graph is written at opset 18 at least (`graph_opset` in the manifest).",
         "",
     ]
     from llmtool.export.seq2seq import SEQ2SEQ_TYPES

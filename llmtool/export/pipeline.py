@@ -295,7 +295,7 @@ def export_model(
         opset: ONNX opset.
         fused: Emit ONNX Runtime's fused ops (GroupQueryAttention, SkipSimplifiedLayerNorm) with
             right padding and an in-place KV cache: the fast path for ``generate`` (CUDA needs
-            ``dtype="fp16"``). See :mod:`llmtool.export.fused`.
+            ``dtype="fp16"``); the standard graph, with a notice, where none expresses the model.
         quantize: ``int8`` or ``int4`` weight blocks (see :mod:`llmtool.export.quantize`); the export
             then records and gates its fidelity to the fp32 graph on ``calibration``.
         block_size: int4 block length.
@@ -305,7 +305,7 @@ def export_model(
         force: Replace an existing ``out``.
         allow_pickle: Accept pickle weights (``pytorch_model.bin``).
         on_stage: Called with a short description as each stage starts.
-        on_notice: Called with a message to keep visible (default ``on_stage``): a variant traced.
+        on_notice: Called with each message to keep visible (default ``on_stage``).
         layout: ``llmtool`` or ``transformers.js`` (the graph as ``onnx/model*.onnx``, named by
             its weight format, and ``transformers.js_config`` in config.json).
 
@@ -342,8 +342,8 @@ def export_model(
             model, out, **common, allow_pickle=allow_pickle, on_stage=on_stage
         )
     request = check_request(model, out, **common, layout=layout)
-    if request.notice is not None:  # never silent: the variant and why it is traced
-        (on_notice or stage)(request.notice)
+    for notice in request.notices:  # never silent: a variant traced, --fused falling back
+        (on_notice or stage)(notice)
     seconds: dict[str, float] = {}
     stage(f"Loading {request.spec.display}")
     with timed(seconds, "load"):

@@ -11,11 +11,10 @@ Loading (:mod:`llmtool.models.loading`) accepts any causal LM; only export consu
 through :func:`check_supported` (before the weights are loaded) and :func:`build_graph`. A
 ``model_type`` not in the table, for which transformers has a causal LM, takes :data:`GENERIC`:
 the standard graph traced by ``torch.onnx.export(dynamo=True)`` (:mod:`llmtool.export.generic`).
-So does a config of a registered family that its entry's ``variant`` says the hand-built graph
-cannot express (OPT with post-LayerNorm, ...): decided from the config, with a message
-(:func:`generic_notice`); ``--fused`` and fp16 are refused for it. The manifest's ``builder`` says
-which path built a graph (``hand-built`` or ``torch.onnx.dynamo``), ``builder_reason`` why a
-variant was traced.
+So does a variant its entry's ``variant`` says the hand-built graph cannot express, with a
+message (:func:`generic_notice`). ``--fused`` where no fused graph expresses a config falls back
+to the standard graph with a message (:func:`fused_fallback`). The manifest's ``builder`` (and
+``builder_reason``) says which path built a graph: ``hand-built`` or ``torch.onnx.dynamo``.
 """
 
 from __future__ import annotations
@@ -80,7 +79,7 @@ class Architecture:
         build: The standard graph's builder.
         extract: PyTorch model -> the builders' input (:class:`DecoderWeights` for transformer
             decoders); None when the builders read the PyTorch model itself.
-        build_fused: The fused (contrib-op) graph's builder; None when ``--fused`` is refused.
+        build_fused: The fused (contrib-op) graph's builder; None when ``--fused`` falls back to the standard graph.
         no_fused: Why there is no fused graph (when ``build_fused`` is None).
         quantizable: Whether ``--quantize`` (int8 / int4 weight blocks) applies.
         check: Refuses, from the config alone, variants the builders cannot express
@@ -233,11 +232,8 @@ def variant_reason(config: Any) -> str | None:
 def generic_notice(config: Any) -> str | None:
     """The one-line message of an export that a variant sends down the generic path."""
     variant = variant_reason(config)
-    if variant is None:
-        return None
-    return (
-        f"{variant}: the hand-built graph cannot express it; exporting through torch.onnx (dynamo)"
-    )
+    tail = "the hand-built graph cannot express it; exporting through torch.onnx (dynamo)"
+    return None if variant is None else f"{variant}: {tail}"
 
 
 def architecture(config: Any) -> Architecture | None:
@@ -310,6 +306,23 @@ def check_supported(
             f"--quantize is not available for '{model_type}'",
             f"it supports {', '.join(quantizable_model_types())}; export without --quantize.",
         )
+
+
+def fused_fallback(config: Any, *, quantize: str | None = None, dtype: str = "fp32") -> str | None:
+    """The message of a ``--fused`` export that falls back to the standard graph, or None when
+    the fused graph can be built. Where no fused graph expresses a config (BLOOM's ALiBi, the
+    generic path, a rotary size GroupQueryAttention cannot turn), the standard graph is written
+    and this printed (``layout: standard`` in llmtool.json).
+
+    Raises:
+        UsageError: The standard graph is refused too (its own reason).
+    """
+    try:
+        check_supported(config, fused=True, quantize=quantize, dtype=dtype)
+        return None
+    except UsageError as fused_error:
+        check_supported(config, fused=False, quantize=quantize, dtype=dtype)
+        return f"{fused_error.message.rstrip('.')}: writing the standard graph instead"
 
 
 def _check_variant(variant: str, *, fused: bool, dtype: str) -> None:

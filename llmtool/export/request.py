@@ -54,8 +54,10 @@ class ExportRequest:
         calibration_text: That text (None without ``--quantize``).
         layout: File layout: ``llmtool`` (model.onnx at the top) or ``transformers.js``
             (``onnx/model{_fp16,_q4,_quantized}.onnx``).
-        notice: The message of a variant the registry sends down the generic torch.onnx path
-            (:func:`~llmtool.export.registry.generic_notice`); None otherwise.
+        notices: Messages the export prints before it starts (never silent): a variant the
+            registry sends down the generic torch.onnx path
+            (:func:`~llmtool.export.registry.generic_notice`), ``--fused`` falling back to the
+            standard graph (:func:`~llmtool.export.registry.fused_fallback`).
     """
 
     spec: ModelSpec
@@ -67,7 +69,7 @@ class ExportRequest:
     calibration: str | Path | None
     calibration_text: str | None
     layout: str = "llmtool"
-    notice: str | None = None
+    notices: tuple[str, ...] = ()
 
 
 def check_request(
@@ -93,7 +95,7 @@ def check_request(
     from llmtool.export.contract import WeightFormat
     from llmtool.export.interop import LAYOUTS
     from llmtool.export.quantize import check_quantize_options
-    from llmtool.export.registry import check_supported, generic_notice
+    from llmtool.export.registry import check_supported, fused_fallback, generic_notice
     from llmtool.fsutil import check_output_dir
     from llmtool.models.loading import read_config, resolve_spec
 
@@ -113,6 +115,9 @@ def check_request(
     check_output_dir(out, force=force, source=spec.path if spec.kind == "hf_dir" else None)
     # Loading accepts any causal LM; export refuses what it cannot build before reading weights.
     config = read_config(spec)
+    # --fused where no fused graph expresses the model: the standard graph, with the reason.
+    fallback = fused_fallback(config, quantize=quantize, dtype=dtype) if fused else None
+    fused = fused and fallback is None
     check_supported(config, fused=fused, quantize=quantize, dtype=dtype)
     weights = WeightFormat(
         quantize=quantize,
@@ -130,5 +135,5 @@ def check_request(
         calibration,
         calibration_text,
         layout,
-        generic_notice(config),
+        tuple(n for n in (generic_notice(config), fallback) if n is not None),
     )
