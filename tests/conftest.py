@@ -15,6 +15,15 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHS = ("gpt2", "llama")
 
 
+def families_params(names, default_run) -> list:
+    """pytest params over ``names``, sorted: those in ``default_run`` run by default, the rest
+    carry the ``families`` marker (``nox -s families``)."""
+    return [
+        pytest.param(n, marks=() if n in default_run else pytest.mark.families)
+        for n in sorted(names)
+    ]
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from llmtool.runtime.session import cuda_available
 

@@ -15,8 +15,12 @@ import sys
 from typing import Any
 
 import pytest
-from test_families import GREEDY_TOKENS, PROMPTS, onnx_greedy, torch_greedy
+from test_families import (
+    assert_greedy_equals_transformers,
+)
 from test_perplexity import transformers_sliding_window
+
+from conftest import families_params
 
 # family -> (config class, model class, config fields); each a type ARCHITECTURES lacks.
 # (BioGPT and XGLM need larger weights than the others before greedy stops repeating a token.)
@@ -102,10 +106,7 @@ def save_family(name: str, tokenizer, root) -> Any:
 
 @pytest.fixture(
     scope="module",
-    params=[
-        pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.families)
-        for n in sorted(GENERIC_FAMILIES)
-    ],
+    params=families_params(GENERIC_FAMILIES, DEFAULT_RUN),
 )
 def generic_export(request, tokenizer, generic_tmp):
     """(family, hf dir, export dir, manifest) from ``llmtool export --json``.
@@ -176,15 +177,8 @@ def test_export_table_names_the_builder(generic_export, tokenizer):
 
 
 def test_greedy_equals_transformers(generic_export, tokenizer):
-    from conftest import load_hf
-
     _, hf, out, _ = generic_export
-    model = load_hf(hf).model
-    rows = [list(tokenizer(p)["input_ids"]) for p in PROMPTS]
-    expected = [torch_greedy(model, r, GREEDY_TOKENS) for r in rows]
-    assert onnx_greedy(out, rows[:1], GREEDY_TOKENS) == expected[:1]
-    assert onnx_greedy(out, rows, GREEDY_TOKENS) == expected  # left-padded batch of 2
-    assert len({t for row in expected for t in row}) > 3  # not a degenerate repeat
+    assert_greedy_equals_transformers(hf, out, tokenizer)
 
 
 def test_perplexity_equals_transformers(generic_export, sample_text_file, tmp_path):
@@ -245,32 +239,51 @@ def test_int4_export_is_gated_on_fidelity(tokenizer, generic_tmp):
     assert ops.count("MatMulNBits") >= 4 * 2  # q/k/v/out of each layer at least
 
 
+# Mixture-of-experts without an extractor: transformers' grouped expert matmul has no ONNX
+# lowering. (model type, config class, model class, config fields)
+UNTRACEABLE = {
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", {"intermediate_size": 32}),
+    # A shared expert beside the routed ones (a variant no registered MoE family has).
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        {
+            "moe_intermediate_size": 32,
+            "shared_expert_intermediate_size": 32,
+            "num_key_value_heads": 2,
+        },
+    ),
+}
+
+
 @pytest.mark.families
-def test_exporter_failure_is_refused_with_the_type_and_reason(tokenizer, tmp_path):
-    """OLMoE's grouped expert matmul has no ONNX lowering: exit 2, the type and reason named."""
+@pytest.mark.parametrize("model_type", sorted(UNTRACEABLE))
+def test_exporter_failure_is_refused_with_the_type_and_reason(model_type, tokenizer, tmp_path):
+    """The exporter cannot trace it: exit 2, the type and the reason named, nothing written."""
     import torch
-    from transformers import OlmoeConfig, OlmoeForCausalLM
+    import transformers
     from typer.testing import CliRunner
 
     from llmtool.cli import app
 
+    config_cls, model_cls, fields = UNTRACEABLE[model_type]
     torch.manual_seed(0)
-    config = OlmoeConfig(
+    config = getattr(transformers, config_cls)(
         vocab_size=len(tokenizer),
         hidden_size=32,
-        intermediate_size=32,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_experts=4,
         num_experts_per_tok=2,
         max_position_embeddings=64,
+        **fields,
     )
-    OlmoeForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
+    getattr(transformers, model_cls)(config).eval().save_pretrained(tmp_path / "hf")
     tokenizer.save_pretrained(tmp_path / "hf")
     refused = CliRunner().invoke(
         app, ["export", str(tmp_path / "hf"), "--out", str(tmp_path / "o")]
     )
     message = " ".join(refused.stderr.split())
     assert refused.exit_code == 2, refused.output
-    assert "torch.onnx (dynamo) cannot export 'olmoe'" in message and "Traceback" not in message
-    assert not (tmp_path / "o").exists()
+    assert f"torch.onnx (dynamo) cannot export '{model_type}'" in message
+    assert "Traceback" not in message and not (tmp_path / "o").exists()

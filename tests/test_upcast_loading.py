@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 from test_families import FAMILIES, build_family
 
-from conftest import build_tiny_model
+from conftest import TINY_LLAMA_SHAPE, build_tiny_model, families_params
 
 # Families whose init-time buffers differ once rounded to bf16 (embed_scale, rope tables with a
 # local base, longrope factors), plus the two built-in tiny archs; the rest run under `families`.
@@ -33,6 +33,11 @@ def _save_half(name: str, tokenizer: Any, path: Path, dtype: str = "bfloat16") -
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def _save(model: Any, tokenizer: Any, path: Path) -> None:
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
 
 
 def _assert_same_model(ours: Any, ref: Any) -> None:
@@ -60,7 +65,7 @@ def _reference(path: Path) -> Any:
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.families) for n in NAMES],
+    families_params(NAMES, DEFAULT_RUN),
 )
 def test_bf16_checkpoint_loads_as_transformers_fp32(name, tokenizer, tmp_path):
     import torch
@@ -90,18 +95,9 @@ def test_init_buffers_are_recomputed_in_fp32(tokenizer, tmp_path):
 
     from llmtool.models.loading import load_model
 
-    torch.manual_seed(0)
-    config = Gemma3TextConfig(
-        hidden_size=96,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        vocab_size=len(tokenizer),
-    )
-    Gemma3ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    config = Gemma3TextConfig(**TINY_LLAMA_SHAPE, head_dim=16, vocab_size=len(tokenizer))
+    config.hidden_size = 96
+    _save(Gemma3ForCausalLM(config).to(torch.bfloat16), tokenizer, tmp_path)
     model = load_model(tmp_path).model
     scale = model.model.embed_tokens.embed_scale
     assert scale.dtype == torch.float32
@@ -110,23 +106,12 @@ def test_init_buffers_are_recomputed_in_fp32(tokenizer, tmp_path):
 
 
 def test_fp16_checkpoint_and_tied_head(tokenizer, tmp_path):
-    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from llmtool.models.loading import load_model
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=len(tokenizer),
-        tie_word_embeddings=True,
-    )
-    LlamaForCausalLM(config).half().save_pretrained(tmp_path)
-    tokenizer.save_pretrained(tmp_path)
+    config = LlamaConfig(**TINY_LLAMA_SHAPE, vocab_size=len(tokenizer), tie_word_embeddings=True)
+    _save(LlamaForCausalLM(config).half(), tokenizer, tmp_path)
     model = load_model(tmp_path).model
     assert model.lm_head.weight is model.model.embed_tokens.weight  # the tie survives widening
     _assert_same_model(model, _reference(tmp_path))

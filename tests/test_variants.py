@@ -18,10 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_families import GREEDY_TOKENS, PROMPTS, onnx_greedy, torch_greedy
+from test_families import (
+    assert_greedy_equals_transformers,
+)
 from typer.testing import CliRunner
 
-from conftest import TINY_LLAMA_SHAPE
+from conftest import TINY_LLAMA_SHAPE, families_params
 
 # variant -> (config class, model class, shape on top of TINY_LLAMA_SHAPE, the variant's fields,
 # the reason's words in the message).
@@ -150,10 +152,7 @@ def variants_tmp(tmp_path_factory):
 
 @pytest.fixture(
     scope="module",
-    params=[
-        pytest.param(n, marks=() if n in DEFAULT_RUN else pytest.mark.families)
-        for n in sorted(VARIANTS)
-    ],
+    params=families_params(VARIANTS, DEFAULT_RUN),
 )
 def variant_export(request, tokenizer, variants_tmp):
     """(variant, hf dir, export dir, manifest, stderr) from ``llmtool export --json``."""
@@ -221,15 +220,8 @@ def test_export_validates_through_the_generic_path(variant_export):
 
 
 def test_greedy_equals_transformers(variant_export, tokenizer):
-    from conftest import load_hf
-
     _, hf, out, _, _ = variant_export
-    model = load_hf(hf).model
-    rows = [list(tokenizer(p)["input_ids"]) for p in PROMPTS]
-    expected = [torch_greedy(model, r, GREEDY_TOKENS) for r in rows]
-    assert onnx_greedy(out, rows[:1], GREEDY_TOKENS) == expected[:1]
-    assert onnx_greedy(out, rows, GREEDY_TOKENS) == expected  # left-padded batch of 2
-    assert len({t for row in expected for t in row}) > 3  # not a degenerate repeat
+    assert_greedy_equals_transformers(hf, out, tokenizer)
 
 
 def test_export_table_says_why(variant_export):
@@ -254,31 +246,6 @@ def test_int8_export_of_a_variant_is_gated_on_fidelity(tokenizer, variants_tmp):
     manifest = json.loads((out / "llmtool.json").read_text(encoding="utf-8"))
     assert manifest["builder"] == "torch.onnx.dynamo" and manifest["fidelity"]["passed"]
     assert "MatMulNBitsQuantizer" in manifest["quantization"]["method"]
-
-
-@pytest.mark.families
-def test_shared_expert_moe_is_refused_with_the_type_and_reason(tokenizer, tmp_path):
-    """Qwen2-MoE (shared expert, no extractor): the exporter has no lowering for transformers'
-    grouped expert matmul, so exit 2 naming the type and the reason."""
-    import torch
-    from transformers import Qwen2MoeConfig, Qwen2MoeForCausalLM
-
-    torch.manual_seed(0)
-    config = Qwen2MoeConfig(
-        **TINY_LLAMA_SHAPE,
-        vocab_size=len(tokenizer),
-        num_experts=4,
-        num_experts_per_tok=2,
-        moe_intermediate_size=64,
-        shared_expert_intermediate_size=64,
-    )
-    Qwen2MoeForCausalLM(config).eval().save_pretrained(tmp_path / "hf")
-    tokenizer.save_pretrained(tmp_path / "hf")
-    code, _, stderr = _export([str(tmp_path / "hf"), "--out", str(tmp_path / "o")], True)
-    message = " ".join(stderr.split())
-    assert code == 2, message
-    assert "torch.onnx (dynamo) cannot export 'qwen2_moe'" in message
-    assert "Traceback" not in message and not (tmp_path / "o").exists()
 
 
 def test_bfloat16_arithmetic_runs_in_float32_with_torch_rounding():

@@ -121,6 +121,16 @@ def rope_tables(
 Variant = Callable[[Any], str | None]
 
 
+def flag_variant(*flags: tuple[str, str]) -> Variant:
+    """A :data:`Variant` for configs whose variants are boolean fields: ``(field, reason)``
+    pairs; the reason of the first field the config sets is returned."""
+
+    def variant(cfg: Any) -> str | None:
+        return next((reason for field, reason in flags if getattr(cfg, field, False)), None)
+
+    return variant
+
+
 def refuse_variant(cfg: Any, variant: Variant) -> None:
     """The extractor's safety net for what the registry routes away from it (see
     :data:`Variant`): a config that reaches the extractor anyway is refused, not mis-built.

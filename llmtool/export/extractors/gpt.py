@@ -10,6 +10,7 @@ from llmtool.errors import UsageError
 from llmtool.export.extractors.common import (
     GPT2_ACTIVATIONS,
     concat_biases,
+    flag_variant,
     layer_norm_decoder,
     linear_t,
     mlp_layer,
@@ -20,12 +21,15 @@ from llmtool.export.extractors.common import (
 )
 from llmtool.export.weights import DecoderWeights, LayerWeights, to_numpy
 
-
-def gpt2_variant(cfg: Any) -> str | None:
-    """What of a GPT-2 config the hand-built graph cannot express (None: nothing)."""
-    if getattr(cfg, "reorder_and_upcast_attn", False):
-        return "upcast, reordered attention (reorder_and_upcast_attn=True)"
-    return None
+gpt2_variant = flag_variant(
+    ("reorder_and_upcast_attn", "upcast, reordered attention (reorder_and_upcast_attn=True)")
+)
+bloom_variant = flag_variant(
+    (
+        "apply_residual_connection_post_layernorm",
+        "a post-LayerNorm residual (apply_residual_connection_post_layernorm=True)",
+    )
+)
 
 
 def opt_variant(cfg: Any) -> str | None:
@@ -39,13 +43,6 @@ def opt_variant(cfg: Any) -> str | None:
         )
     if getattr(cfg, "_remove_final_layer_norm", False):
         return "no final LayerNorm (_remove_final_layer_norm=True)"
-    return None
-
-
-def bloom_variant(cfg: Any) -> str | None:
-    """What of a BLOOM config the hand-built graph cannot express (None: nothing)."""
-    if getattr(cfg, "apply_residual_connection_post_layernorm", False):
-        return "a post-LayerNorm residual (apply_residual_connection_post_layernorm=True)"
     return None
 
 

@@ -16,6 +16,7 @@ from llmtool.export.extractors.common import (
     check_llama_config,
     concat_biases,
     config_head_dim,
+    flag_variant,
     hidden_act,
     layer_windows,
     optional_array,
@@ -136,13 +137,10 @@ def extract_smollm3(model: Any) -> DecoderWeights:
     return w
 
 
-def stablelm_variant(cfg: Any) -> str | None:
-    """What of a StableLM config the hand-built graph cannot express (None: nothing)."""
-    if getattr(cfg, "qk_layernorm", False):
-        return "per-head LayerNorm on q and k (qk_layernorm=True)"
-    if getattr(cfg, "use_parallel_residual", False):
-        return "a parallel residual (use_parallel_residual=True)"
-    return None
+stablelm_variant = flag_variant(
+    ("qk_layernorm", "per-head LayerNorm on q and k (qk_layernorm=True)"),
+    ("use_parallel_residual", "a parallel residual (use_parallel_residual=True)"),
+)
 
 
 def extract_stablelm(model: Any) -> DecoderWeights:

@@ -17,6 +17,7 @@ from llmtool.export.extractors.common import (
     GPT2_ACTIVATIONS,
     concat_biases,
     config_head_dim,
+    flag_variant,
     hidden_act,
     layer_norm_decoder,
     linear_t,
@@ -42,25 +43,10 @@ def _rope(model: Any, rotary: Any, max_positions: int) -> dict[str, Any]:
     return {"rope_cos": cos, "rope_sin": sin, "rotary_dim": cos.shape[1]}
 
 
-def phi_variant(cfg: Any) -> str | None:
-    """What of a Phi config the hand-built graph cannot express (None: nothing)."""
-    if getattr(cfg, "qk_layernorm", False):
-        return "LayerNorm on q and k (qk_layernorm=True)"
-    return None
-
-
-def falcon_variant(cfg: Any) -> str | None:
-    """What of a Falcon config the hand-built graph cannot express (None: nothing)."""
-    if getattr(cfg, "alibi", False):
-        return "ALiBi (alibi=True)"
-    return None
-
-
-def cohere_variant(cfg: Any) -> str | None:
-    """What of a Cohere config the hand-built graph cannot express (None: nothing)."""
-    if getattr(cfg, "use_qk_norm", False):
-        return "LayerNorm on q and k (use_qk_norm=True)"
-    return None
+# What of each family's config the hand-built graph cannot express (see common.Variant).
+phi_variant = flag_variant(("qk_layernorm", "LayerNorm on q and k (qk_layernorm=True)"))
+falcon_variant = flag_variant(("alibi", "ALiBi (alibi=True)"))
+cohere_variant = flag_variant(("use_qk_norm", "LayerNorm on q and k (use_qk_norm=True)"))
 
 
 def extract_gpt_neox(model: Any) -> DecoderWeights:
