@@ -79,13 +79,14 @@ class Architecture:
         build: The standard graph's builder.
         extract: PyTorch model -> the builders' input (:class:`DecoderWeights` for transformer
             decoders); None when the builders read the PyTorch model itself.
-        build_fused: The fused (contrib-op) graph's builder; None when ``--fused`` falls back to the standard graph.
+        build_fused: The fused (contrib-op) graph's builder; None when ``--fused`` falls back to
+            the standard graph.
         no_fused: Why there is no fused graph (when ``build_fused`` is None).
         quantizable: Whether ``--quantize`` (int8 / int4 weight blocks) applies.
         check: Refuses, from the config alone, variants the builders cannot express
             (``check(config, fused=...)`` raises :class:`~llmtool.errors.UsageError`).
         variant: Config -> why the hand-built graph cannot express it (None: it can); such a
-            config takes :data:`GENERIC` (fp32, no ``--fused``), with a message.
+            config takes :data:`GENERIC` (fp32, standard graph), with a message.
         variants: One line for humans: the variants ``variant`` sends to :data:`GENERIC`.
     """
 

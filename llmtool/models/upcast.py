@@ -15,11 +15,7 @@ fp32 load tensor for tensor (tests/test_upcast_loading.py checks that per family
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import json
-import struct
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +23,6 @@ from typing import Any
 # safetensors header dtype names of the half types this path widens.
 HALF_TYPES = {"BF16": "bfloat16", "F16": "float16"}
 FLOAT_TYPES = {"BF16", "F16", "F32", "F64", "F8_E4M3", "F8_E5M2"}
-
-
-def _header(path: Path) -> dict[str, Any]:
-    """A safetensors file's JSON header (tensor name -> dtype, shape, offsets); no data read."""
-    with path.open("rb") as f:
-        (size,) = struct.unpack("<Q", f.read(8))
-        header: dict[str, Any] = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return header
 
 
 def stored_half_dtype(path: Path) -> tuple[str | None, set[str]]:
@@ -48,6 +35,8 @@ def stored_half_dtype(path: Path) -> tuple[str | None, set[str]]:
         (``"bfloat16"`` / ``"float16"``, or None when the floating tensors are fp32, mixed or
         unreadable; the checkpoint's tensor names).
     """
+    from safetensors import SafetensorError, safe_open
+
     files = sorted(path.glob("*.safetensors"))
     if not files:
         return None, set()
@@ -55,37 +44,18 @@ def stored_half_dtype(path: Path) -> tuple[str | None, set[str]]:
     names: set[str] = set()
     try:
         for file in files:
-            for name, entry in _header(file).items():
-                names.add(name)
-                if entry.get("dtype") in FLOAT_TYPES:
-                    kinds.add(entry["dtype"])
-    except (OSError, ValueError, struct.error):
+            with safe_open(str(file), "pt") as f:  # the header only: no tensor data is read
+                keys = f.keys()  # a safe_open handle is not iterable
+                names.update(keys)
+                for name in keys:
+                    kind = f.get_slice(name).get_dtype()
+                    if kind in FLOAT_TYPES:
+                        kinds.add(kind)
+    except (OSError, SafetensorError):
         return None, set()
     if len(kinds) != 1:
         return None, names
     return HALF_TYPES.get(next(iter(kinds))), names
-
-
-@contextlib.contextmanager
-def _parameters_on_meta() -> Iterator[None]:
-    """Modules built inside get their parameters on the meta device and real buffers."""
-    import torch
-
-    register = torch.nn.Module.register_parameter
-
-    def on_meta(module: Any, name: str, param: Any) -> None:
-        register(module, name, param)
-        # A parameter already on meta is a tie (lm_head.weight = wte.weight): kept as the object.
-        if param is not None and param.device.type != "meta":
-            kind = type(module._parameters[name])
-            held = module._parameters[name]
-            module._parameters[name] = kind(held.to("meta"), requires_grad=held.requires_grad)
-
-    torch.nn.Module.register_parameter = on_meta  # type: ignore[method-assign,assignment]
-    try:
-        yield
-    finally:
-        torch.nn.Module.register_parameter = register  # type: ignore[method-assign,assignment]
 
 
 @dataclass
@@ -124,11 +94,14 @@ def plan_half_load(auto_class: Any, config: Any, path: Path) -> HalfLoad | None:
     half, stored = stored_half_dtype(path)
     if half is None:
         return None
+    from accelerate import init_empty_weights
+
     try:
-        with _parameters_on_meta():
+        with init_empty_weights(include_buffers=False):  # parameters on meta, buffers real
             skeleton = auto_class.from_config(
                 copy.deepcopy(config), dtype=torch.float32, attn_implementation="eager"
             )
+        skeleton.tie_weights()  # the patched registration re-wraps, and so unties, tied weights
     except Exception:  # any build error: the fp32 load then reports the model's own
         return None
     groups: dict[int, set[str]] = {}
